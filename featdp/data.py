@@ -1,0 +1,147 @@
+"""Training data as a stream of row blocks, with the per-example preprocessing that bounds sensitivity.
+
+A method sees a `TrainingData`: n, d, K and `blocks()` yielding (x, y) with every row already clipped (or
+rescaled) to norm ≤ C. Clipping is per example and data-independent, so it costs no privacy. The rows come
+either from arrays in memory or streamed from a feature file; `maybe_in_memory` loads a file's split when
+it fits a memory budget, so multi-pass methods do not re-read the disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Protocol
+
+import numpy as np
+
+DEFAULT_BLOCK_ROWS = 32768
+IN_MEMORY_BUDGET_BYTES = 1 << 30  # float32 features up to 1 GiB are kept in memory
+
+
+class DataError(ValueError):
+    """Training data that no method can use (NaN, wrong shapes, labels out of range, empty)."""
+
+
+class RowSource(Protocol):
+    num_examples: int
+    feature_dim: int
+    num_classes: int
+
+    def blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+@dataclasses.dataclass
+class ArraySource:
+    """Validated arrays in memory (features float32 (n, d), labels int64 (n,))."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+    def __post_init__(self):
+        self.features, self.labels = validate_arrays(self.features, self.labels, self.num_classes)
+
+    @property
+    def num_examples(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.features.shape[1]
+
+    def blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS):
+        for start in range(0, self.num_examples, block_rows):
+            yield self.features[start : start + block_rows], self.labels[start : start + block_rows]
+
+
+def validate_arrays(features, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2:
+        raise DataError(f"features must be a 2-D array (n, d), got shape {features.shape}")
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise DataError(
+            f"labels must be a 1-D array with one label per feature row ({features.shape[0]}), "
+            f"got shape {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        if labels.size and not np.all(np.equal(np.mod(labels, 1), 0)):
+            raise DataError(f"labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    features = features.astype(np.float32, copy=False)
+    bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad_rows.size:
+        raise DataError(f"features contain NaN or Inf (first bad row: {bad_rows[0]}, {bad_rows.size} rows)")
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if out_of_range.size:
+        row = out_of_range[0]
+        raise DataError(f"label {labels[row]} at row {row} is outside [0, {num_classes})")
+    return features, labels.astype(np.int64, copy=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Per-example feature map x ↦ x·min(1, C/‖x‖) ('clip') or x·C/‖x‖ ('unit'), so ‖x‖ ≤ C always.
+
+    'unit' is the default: pretrained features vary in scale, and rescaling every vector to norm C
+    (as the DP-FC paper does) makes the clip norm, and hence every sensitivity, meaningful without
+    looking at the data.
+    """
+
+    clip_norm: float = 1.0
+    normalize: str = "unit"
+
+    def __post_init__(self):
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if self.normalize not in ("unit", "clip"):
+            raise ValueError(f"normalize must be 'unit' or 'clip', got {self.normalize!r}")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if self.normalize == "unit":
+            # An all-zero row stays zero: it has no direction to rescale.
+            scale = np.where(norms > 0, self.clip_norm / np.maximum(norms, 1e-30), 0.0)
+        else:
+            scale = np.minimum(1.0, self.clip_norm / np.maximum(norms, 1e-30))
+        return (x * scale).astype(np.float32, copy=False)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What a method trains on: preprocessed row blocks of one source."""
+
+    source: RowSource
+    preprocessing: Preprocessing
+    block_rows: int = DEFAULT_BLOCK_ROWS
+
+    @property
+    def num_examples(self) -> int:
+        return self.source.num_examples
+
+    @property
+    def feature_dim(self) -> int:
+        return self.source.feature_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def clip_norm(self) -> float:
+        return self.preprocessing.clip_norm
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for x, y in self.source.blocks(self.block_rows):
+            yield self.preprocessing(x), y
+
+
+def maybe_in_memory(source: RowSource, budget_bytes: int = IN_MEMORY_BUDGET_BYTES) -> RowSource:
+    """`source` loaded into memory when its float32 features fit `budget_bytes`, else `source` itself."""
+    if isinstance(source, ArraySource):
+        return source
+    if source.num_examples * source.feature_dim * 4 > budget_bytes:
+        return source
+    xs, ys = zip(*source.blocks()) if source.num_examples else ((), ())
+    features = np.concatenate(xs) if xs else np.zeros((0, source.feature_dim), np.float32)
+    labels = np.concatenate(ys) if ys else np.zeros((0,), np.int64)
+    return ArraySource(features, labels, source.num_classes)

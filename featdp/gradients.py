@@ -1,0 +1,44 @@
+"""Privatized gradient sums for the gradient-based methods (DP-SGD, DP-FC)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featdp import stats
+from featdp.data import TrainingData
+from featdp.mechanism import Releaser
+
+
+def expected_batch_size(num_examples: int, batch_size: int | None) -> tuple[float, float]:
+    """(q, q·n): Poisson rate and expected batch size; batch_size None means the full batch (q = 1)."""
+    if batch_size is None or batch_size >= num_examples:
+        return 1.0, float(num_examples)
+    return batch_size / num_examples, float(batch_size)
+
+
+def private_mean_gradient(
+    data: TrainingData,
+    weights: np.ndarray,
+    releaser: Releaser,
+    *,
+    step: int,
+    grad_clip: float,
+    noise_multiplier: float,
+    sampling_probability: float,
+) -> np.ndarray:
+    """(Σ_{i∈S} clip(∇ℓ_i(W)) + N(0, (σ·C_g)²)) / (q·n), S Poisson-sampled with rate q (all rows if q = 1).
+
+    Adding or removing one example changes the sum by one clipped gradient: Δ = C_g. Dividing by the
+    public expected batch size q·n, not |S|, keeps the mean estimate post-processing.
+    """
+    total = np.zeros_like(weights, dtype=np.float64)
+    for block, (x, y) in enumerate(data.blocks()):
+        mask = None
+        if sampling_probability < 1:
+            mask = releaser.poisson_mask(step, block, len(y), sampling_probability)
+        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip, mask)
+    noisy = releaser.release(
+        "gradient_sum", total, sensitivity=grad_clip, noise_multiplier=noise_multiplier,
+        sampling_probability=sampling_probability, step=step,
+    )
+    return noisy / (sampling_probability * data.num_examples)

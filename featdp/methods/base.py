@@ -1,0 +1,114 @@
+"""The contract every method fulfils, and the registry that makes CLI, API, benchmarks and tests find it.
+
+A method is one file: a frozen dataclass of public hyperparameters, a pure ``dp_event(noise_scale, n)``
+describing its releases, and ``fit(data, noise_scale, releaser)`` that returns the head W (d×K). Data and
+the randomness come in as arguments; nothing random is stored on the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import numpy as np
+from dp_accounting import dp_event as events
+
+from featdp.data import Preprocessing, TrainingData
+from featdp.mechanism import Releaser
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+class HyperparameterError(ValueError):
+    """An unknown hyperparameter, or a value that cannot be parsed or is out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Hyperparameters shared by all methods: the per-example feature map that bounds ‖x‖ ≤ C."""
+
+    name: ClassVar[str] = ""
+    private: ClassVar[bool] = True
+
+    clip_norm: float = 1.0
+    normalize: str = "unit"
+
+    def __post_init__(self):
+        self.preprocessing()  # validates clip_norm and normalize
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.clip_norm, self.normalize)
+
+    def dp_event(self, noise_scale: float, num_examples: int) -> events.DpEvent:
+        raise NotImplementedError
+
+    def fit(self, data: TrainingData, noise_scale: float, releaser: Releaser) -> np.ndarray:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_strings(cls, overrides: dict[str, str]) -> "Method":
+        """Builds the method from ``--set key=value`` strings, parsed by each field's declared type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, text in overrides.items():
+            if key not in fields:
+                raise HyperparameterError(
+                    f"unknown hyperparameter {key!r} for method {cls.name!r}; "
+                    f"valid: {', '.join(sorted(fields))}"
+                )
+            values[key] = _parse(text, hints[key], key)
+        return cls.create(**values)
+
+    @classmethod
+    def create(cls, **values) -> "Method":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise HyperparameterError(
+                f"unknown hyperparameter {unknown[0]!r} for method {cls.name!r}; valid: {', '.join(sorted(names))}"
+            )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise HyperparameterError(f"method {cls.name!r}: {error}") from error
+
+
+def _parse(text: str, annotation, key: str):
+    if not isinstance(text, str):
+        return text
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if type(None) in typing.get_args(annotation) and text.lower() in ("none", "null", ""):
+        return None
+    for kind in options:
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return kind(text)
+        except (TypeError, ValueError):
+            continue
+    raise HyperparameterError(f"cannot parse {key}={text!r} as {annotation}")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)
+
+
+def positive(name: str, value) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")

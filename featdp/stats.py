@@ -1,0 +1,66 @@
+"""Exact (non-private) statistics of preprocessed training data, accumulated in one streaming pass.
+
+Everything here is a sum over examples, accumulated block by block in float64, so memory is
+O(d² + dK) whatever n is. Privatization happens elsewhere (`featdp.mechanism`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from featdp.data import TrainingData
+
+
+def class_sums(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Σ_i x_i e_{y_i}ᵀ for one block, (d, K): a sparse one-hot product costs O(nd), not O(ndK)."""
+    one_hot_t = scipy.sparse.csr_matrix(
+        (np.ones(len(y), dtype=x.dtype), (y, np.arange(len(y)))), shape=(num_classes, len(y))
+    )
+    return np.asarray((one_hot_t @ x).T, dtype=np.float64)
+
+
+def one_hot(y: np.ndarray, num_classes: int, dtype=np.float32) -> np.ndarray:
+    out = np.zeros((len(y), num_classes), dtype=dtype)
+    out[np.arange(len(y)), y] = 1
+    return out
+
+
+def second_moments(data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass."""
+    d, k = data.feature_dim, data.num_classes
+    gram = np.zeros((d, d), dtype=np.float64)
+    cross = np.zeros((d, k), dtype=np.float64)
+    for x, y in data.blocks():
+        # float32 gemm per block (BLAS is fastest there), float64 accumulation across blocks.
+        gram += x.T @ x
+        cross += class_sums(x, y, k)
+    return gram, cross
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def clipped_softmax_gradient_sum(
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray, clip: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Σ_i clip_C(x_i (p_i − e_{y_i})ᵀ) over the block's rows (those in `mask`, if given).
+
+    The per-example gradient is an outer product, so its Frobenius norm is ‖x_i‖·‖p_i − e_{y_i}‖ and
+    clipping is a per-row scale on the residual: no d×K per-example gradient is ever materialized.
+    """
+    if mask is not None:
+        x, y = x[mask], y[mask]
+    residual = softmax(x @ weights.astype(np.float32))
+    residual[np.arange(len(y)), y] -= 1
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1)
+    residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-30))[:, None]
+    return np.asarray(x.T @ residual, dtype=np.float64)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
