@@ -461,6 +461,8 @@ class Split:
         self.feature_dim = int(self._features.shape[1])
         self.num_classes = num_classes
         self.dtype = self._features.dtype
+        self.complete = bool(group.attrs.get("complete", False))
+        self.rows_done = int(group.attrs.get("rows_done", 0))
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,181 @@
+"""The `featdp` command: a thin typer layer over the library. Parse, call, print; no math here."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import warnings
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from featdp import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Differentially private linear heads on frozen pretrained features.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from featdp.accounting import PrivacyParameterError
+    from featdp.data import DataError
+    from featdp.featurefile import FeatureFileError
+    from featdp.methods import HyperparameterError
+
+    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError)
+
+
+def _fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _parse_sets(pairs: List[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+@app.command()
+def fit(
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    method: str = typer.Option("dp-fc", "--method", "-m", help="Method name; see `featdp methods`."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Target epsilon (required for private methods)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/n."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise (reproducible, but predictable)."),
+    accountant: str = typer.Option("pld", "--accountant", help="pld (default, exact for Gaussians) or rdp."),
+    sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
+    train_split: str = typer.Option("train", "--train-split"),
+    test_split: str = typer.Option("test", "--test-split"),
+):
+    """Train a private linear head on the train split and report test accuracy."""
+    from featdp.jobs import fit_feature_file
+    from featdp.methods import get_method
+
+    overrides = _parse_sets(sets)
+    try:
+        method_obj = get_method(method)
+        method_obj = type(method_obj).from_strings(overrides)
+        if out is None:
+            out = pathlib.Path("heads") / (f"{method}_eps{eps:g}" if eps is not None else method)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            job = fit_feature_file(
+                features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant,
+                train_split=train_split, test_split=test_split, out_dir=out,
+            )
+        for warning in caught:
+            errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+    except _user_errors() as error:
+        _fail(str(error))
+    _print_summary(job)
+
+
+def _print_summary(job) -> None:
+    report = job.report
+    table = Table(show_header=False, box=None)
+    table.add_row("method", report["method"])
+    if report["private"]:
+        table.add_row("epsilon", f"{report['epsilon']:.4f} (target {report['target_epsilon']:g})")
+        table.add_row("delta", f"{report['delta']:g}")
+        table.add_row("accountant", report["accountant"])
+    else:
+        table.add_row("privacy", "[red]none: non-private reference[/]")
+    table.add_row("train examples", str(report["num_examples"]))
+    if job.test_accuracy is not None:
+        table.add_row("test top-1", f"{job.test_accuracy:.4f}")
+    table.add_row("fit time", f"{report['fit_seconds']:.2f} s")
+    if report["noise_seeded"]:
+        table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
+    table.add_row("written", str(job.out_dir))
+    console.print(table)
+
+
+@app.command()
+def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
+    """Print a feature file's metadata and splits."""
+    from featdp.featurefile import FeatureFile
+
+    try:
+        with FeatureFile(features) as handle:
+            meta = handle.metadata.to_json_dict()
+            table = Table(title=str(features), show_header=False)
+            for key, value in meta.items():
+                text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+                table.add_row(key, text if len(text) < 200 else text[:197] + "...")
+            console.print(table)
+            splits = Table("split", "examples", "rows done", "dim", "dtype", "complete")
+            for name in handle.split_names:
+                split = handle.split(name, require_complete=False)
+                splits.add_row(name, str(split.num_examples), str(split.rows_done), str(split.feature_dim),
+                               str(split.dtype), str(split.complete))
+            console.print(splits)
+    except _user_errors() as error:
+        _fail(str(error))
+
+
+@app.command()
+def methods():
+    """List the registered methods and their hyperparameters."""
+    import dataclasses
+
+    from featdp.methods import registry
+
+    table = Table("method", "private", "hyperparameters (defaults)")
+    for name, cls in sorted(registry().items()):
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        table.add_row(name, "yes" if cls.private else "[red]no[/]", fields)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: pathlib.Path = typer.Option(pathlib.Path("runs/demo"), "--out"),
+    eps: str = typer.Option("0.5,1,4", "--eps", help="Comma-separated epsilons."),
+):
+    """Offline demo: digits features → every method at a few ε, next to the non-private references."""
+    from featdp.demo import write_digits_features
+    from featdp.jobs import fit_feature_file
+    from featdp.methods import method_names
+
+    epsilons = [float(e) for e in eps.split(",")]
+    features = write_digits_features(out / "features.h5")
+    console.print(f"wrote {features} (scikit-learn digits, 64-d pixel features; stage one is not used)")
+    table = Table("method", *[f"ε={e:g}" for e in epsilons], title="test top-1, δ = 1e-5, seed from the OS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in method_names(private=True):
+            row = [
+                fit_feature_file(features, name, epsilon=e, delta=1e-5, out_dir=out / f"{name}_eps{e:g}")
+                for e in epsilons
+            ]
+            table.add_row(name, *[f"{job.test_accuracy:.3f}" for job in row])
+        for name in method_names(private=False):
+            job = fit_feature_file(features, name, epsilon=None, out_dir=out / name)
+            table.add_row(f"{name} (non-private)", *[f"{job.test_accuracy:.3f}"] * len(epsilons))
+    console.print(table)
+    console.print(f"heads and privacy reports under {out}/")
+
+
+@app.callback(invoke_without_command=True)
+def _version(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        console.print(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,219 @@
+"""EfficientNet-Lite (Tan & Le, 2019; TF "lite" variants) as a Flax linen backbone.
+
+Lite differs from EfficientNet-B*: ReLU6 instead of swish, no squeeze-excite, and
+stem (32) / head (1280) widths are not scaled. Convolutions use TF "SAME" padding
+(lax pads the extra row/column at the bottom/right, exactly like the TF original
+the weights come from), and BatchNorm runs in inference mode on the checkpoint's
+running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from featdp.backbones.image_preprocessing import as_rgb_float, center_crop_resize, normalize
+
+__all__ = [
+    "BN_EPSILON",
+    "CONFIGS",
+    "FEATURE_DIM",
+    "MEAN_RGB",
+    "STDDEV_RGB",
+    "BlockSpec",
+    "EfficientNetLite",
+    "EfficientNetLiteConfig",
+    "block_specs",
+    "get_config",
+    "preprocess",
+]
+
+FEATURE_DIM = 1280
+STEM_WIDTH = 32
+BN_EPSILON = 1e-3  # TF default the checkpoints were trained with (torch's is 1e-5).
+_DEPTH_DIVISOR = 8
+
+# The TF Lite training pipeline fed (pixel - 127) / 128 (efficientnet_lite_builder's
+# MEAN_RGB/STDDEV_RGB), not the ImageNet mean/std of the B* models; on [0, 1] pixels:
+MEAN_RGB = (127.0 / 255.0,) * 3
+STDDEV_RGB = (128.0 / 255.0,) * 3
+# TF eval crop: the central resolution / (resolution + 32) of the shorter side.
+_CROP_PADDING = 32
+
+# Base (Lite0) stages: (repeats, kernel, stride, expand_ratio, in_ch, out_ch).
+_BASE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteConfig:
+    """Compound-scaling coefficients of one Lite variant."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int
+    num_classes: int = 1000
+
+
+CONFIGS: dict[str, EfficientNetLiteConfig] = {
+    c.name: c
+    for c in (
+        EfficientNetLiteConfig("efficientnet-lite0", 1.0, 1.0, 224),
+        EfficientNetLiteConfig("efficientnet-lite2", 1.1, 1.2, 260),
+    )
+}
+
+
+def get_config(name: str) -> EfficientNetLiteConfig:
+    """Config by name, e.g. ``"efficientnet-lite0"`` (``"lite0"`` also accepted)."""
+    key = name if name.startswith("efficientnet-") else f"efficientnet-{name}"
+    try:
+        return CONFIGS[key]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; "
+                         f"choose one of {sorted(CONFIGS)}") from None
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One MBConv block after width/depth scaling."""
+
+    kernel: int
+    stride: int
+    expand_ratio: int
+    in_ch: int
+    out_ch: int
+
+    @property
+    def hidden_ch(self) -> int:
+        return self.in_ch * self.expand_ratio
+
+    @property
+    def has_residual(self) -> bool:
+        return self.stride == 1 and self.in_ch == self.out_ch
+
+
+def _round_filters(ch: int, width: float) -> int:
+    # TF rounding: nearest multiple of 8, but never shrink by more than 10%.
+    scaled = ch * width
+    rounded = max(_DEPTH_DIVISOR, int(scaled + _DEPTH_DIVISOR / 2) // _DEPTH_DIVISOR * _DEPTH_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += _DEPTH_DIVISOR
+    return int(rounded)
+
+
+def block_specs(config: EfficientNetLiteConfig) -> tuple[BlockSpec, ...]:
+    """All MBConv blocks of a variant, in order."""
+    specs = []
+    last = len(_BASE_STAGES) - 1
+    for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_BASE_STAGES):
+        out_ch = _round_filters(out_ch, config.width)
+        if i in (0, last):
+            # Lite keeps the first and last stage at one block each.
+            in_ch = STEM_WIDTH if i == 0 else _round_filters(in_ch, config.width)
+        else:
+            in_ch = _round_filters(in_ch, config.width)
+            repeats = int(math.ceil(config.depth * repeats))
+        specs.append(BlockSpec(kernel, stride, expand, in_ch, out_ch))
+        specs.extend(BlockSpec(kernel, 1, expand, out_ch, out_ch) for _ in range(repeats - 1))
+    return tuple(specs)
+
+
+class ConvBN(nn.Module):
+    """Bias-free SAME conv, inference BatchNorm, optional ReLU6."""
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    depthwise: bool = False
+    activate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding="SAME",
+            feature_group_count=self.features if self.depthwise else 1,
+            use_bias=False,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
+        return jnp.clip(x, 0.0, 6.0) if self.activate else x
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, kxk depthwise, linear 1x1 project."""
+
+    spec: BlockSpec
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = self.spec
+        y = x
+        if s.expand_ratio != 1:
+            y = ConvBN(s.hidden_ch, name="expand")(y)
+        y = ConvBN(s.hidden_ch, s.kernel, s.stride, depthwise=True, name="depthwise")(y)
+        y = ConvBN(s.out_ch, activate=False, name="project")(y)
+        # Drop-connect is training-only, so inference is a plain residual add.
+        return x + y if s.has_residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """Images (N, H, W, 3), already preprocessed -> pooled 1280-d features.
+
+    With ``return_logits=True`` returns ``(features, imagenet_logits)``.
+    Variables: ``{"params": ..., "batch_stats": ...}``.
+    """
+
+    config: EfficientNetLiteConfig
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, return_logits: bool = False):
+        x = ConvBN(STEM_WIDTH, kernel=3, stride=2, name="stem")(images)
+        for i, spec in enumerate(block_specs(self.config)):
+            x = MBConv(spec, name=f"block{i}")(x)
+        x = ConvBN(FEATURE_DIM, name="head")(x)
+        features = jnp.mean(x, axis=(1, 2))
+        if not return_logits:
+            return features
+        logits = nn.Dense(self.config.num_classes, name="classifier")(features)
+        return features, logits
+
+
+def preprocess(images: np.ndarray | Sequence[np.ndarray], name: str,
+               crop_fraction: float | None = None) -> jnp.ndarray:
+    """Photos -> normalised (N, R, R, 3) float32 input for variant ``name``.
+
+    ``images``: one image (H, W) / (H, W, C), a batch (N, H, W, C), or a list of
+    images of any sizes; uint8 in [0, 255] or floats in [0, 1]; gray or RGB(A).
+    ``crop_fraction`` of the shorter side is kept (center square); the default is
+    the TF evaluation crop R / (R + 32); pass 1.0 for tiny images such as CIFAR.
+    """
+    config = get_config(name)
+    res = config.resolution
+    fraction = res / (res + _CROP_PADDING) if crop_fraction is None else crop_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {fraction}")
+    if isinstance(images, (list, tuple)):
+        return jnp.concatenate([preprocess(im, name, fraction) for im in images], axis=0)
+    images = np.asarray(images)
+    x = as_rgb_float(images)
+    if images.ndim != 4:
+        x = x[None]
+    x = center_crop_resize(x, res, fraction)
+    return normalize(x, MEAN_RGB, STDDEV_RGB)

@@ -1,0 +1,64 @@
+"""The `fit` job over a feature file: validate, train on one split, evaluate on another, write outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+from featdp import report as report_lib
+from featdp.featurefile import FeatureFile, FeatureFileError, file_sha256
+from featdp.training import FitResult, fit
+
+
+@dataclasses.dataclass
+class FitJobResult:
+    result: FitResult
+    test_accuracy: float | None
+    report: dict
+    out_dir: pathlib.Path | None
+
+
+def fit_feature_file(
+    path: str | os.PathLike,
+    method: str = "dp-fc",
+    *,
+    epsilon: float | None,
+    delta: float | None = None,
+    seed: int | None = None,
+    accountant: str = "pld",
+    hyperparameters: dict | None = None,
+    train_split: str = "train",
+    test_split: str | None = "test",
+    out_dir: str | os.PathLike | None = None,
+) -> FitJobResult:
+    """Fits on `train_split`, reports top-1 on `test_split` (if present), writes head + report to `out_dir`."""
+    path = pathlib.Path(path)
+    with FeatureFile(path) as features:
+        train = features.split(train_split)
+        test = None
+        if test_split is not None and test_split in features.split_names:
+            test = features.split(test_split)
+        result = fit(
+            train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
+            hyperparameters=hyperparameters,
+        )
+        accuracy = result.accuracy(test) if test is not None else None
+        metadata = features.metadata
+    report = report_lib.privacy_report(
+        result,
+        input_file=str(path),
+        input_sha256=file_sha256(path),
+        train_split=train_split,
+        test_split=test_split if test is not None else None,
+        test_accuracy=accuracy,
+        fit_seconds=result.fit_seconds,
+        backbone=metadata.backbone,
+        dataset=metadata.dataset,
+    )
+    if out_dir is not None:
+        out_dir = report_lib.write_outputs(out_dir, result, report, class_names=metadata.class_names)
+    return FitJobResult(result, accuracy, report, out_dir)
+
+
+__all__ = ["FeatureFileError", "FitJobResult", "fit_feature_file"]
