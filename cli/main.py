@@ -34,7 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -78,7 +78,7 @@ def fit(
                 train_split=train_split, test_split=test_split, out_dir=out,
             )
         for warning in caught:
-            errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+            errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     except _user_errors() as error:
         _fail(str(error))
     _print_summary(job)

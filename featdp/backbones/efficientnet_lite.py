@@ -109,9 +109,10 @@ class BlockSpec:
 def _round_filters(ch: int, width: float) -> int:
     # TF rounding: nearest multiple of 8, but never shrink by more than 10%.
     scaled = ch * width
-    rounded = max(_DEPTH_DIVISOR, int(scaled + _DEPTH_DIVISOR / 2) // _DEPTH_DIVISOR * _DEPTH_DIVISOR)
+    d = _DEPTH_DIVISOR
+    rounded = max(d, int(scaled + d / 2) // d * d)
     if rounded < 0.9 * scaled:
-        rounded += _DEPTH_DIVISOR
+        rounded += d
     return int(rounded)
 
 

@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from featdp.backbones.efficientnet_lite import EfficientNetLite, block_specs, get_config
+from featdp.backbones.efficientnet_lite import (
+    EfficientNetLite,
+    EfficientNetLiteConfig,
+    block_specs,
+    get_config,
+)
 from featdp.backbones.torch_checkpoint import load_torch_state_dict
 
 __all__ = [
@@ -71,8 +76,8 @@ def checkpoint_path(name: str) -> Path:
         ) from None
     path = Path(str(root / "models" / ckpt.filename))
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with `pip install --force-reinstall {ckpt.distribution}`")
+        raise FileNotFoundError(f"{path} is missing; reinstall with "
+                                f"`pip install --force-reinstall {ckpt.distribution}`")
     return path
 
 
@@ -106,7 +111,10 @@ def _conv_bn_rules(flax_prefix: tuple[str, ...], conv_key: str, bn_key: str):
         yield f"{bn_key}.{torch_name}", (collection, *flax_prefix, "bn", flax_name), _same
 
 
-def _mapping_rules(config) -> list[tuple[str, tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
+_Rule = tuple[str, tuple[str, ...], Callable[[np.ndarray], np.ndarray]]
+
+
+def _mapping_rules(config: EfficientNetLiteConfig) -> list[_Rule]:
     """(torch key, flax variable path, transform) for every weight of the model."""
     rules = list(_conv_bn_rules(("stem",), "_conv_stem", "_bn0"))
     for i, spec in enumerate(block_specs(config)):
@@ -121,13 +129,17 @@ def _mapping_rules(config) -> list[tuple[str, tuple[str, ...], Callable[[np.ndar
     return rules
 
 
-def _expected_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _expected_shapes(config: EfficientNetLiteConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     model = EfficientNetLite(config)
     x = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, 3), jnp.float32)
     abstract = jax.eval_shape(
         lambda images: model.init(jax.random.key(0), images, return_logits=True), x)
     leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _head(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def torch_to_flax_variables(state_dict: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
@@ -145,9 +157,9 @@ def torch_to_flax_variables(state_dict: Mapping[str, np.ndarray], name: str) -> 
     missing = [k for k in used if k not in state_dict]
     unused = sorted(k for k in set(state_dict) - set(used) if not k.endswith(_IGNORED_SUFFIXES))
     if missing:
-        problems.append(f"missing from checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        problems.append(f"missing from checkpoint: {_head(missing)}")
     if unused:
-        problems.append(f"unused checkpoint tensors: {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+        problems.append(f"unused checkpoint tensors: {_head(unused)}")
     if len(set(used)) != len(used) or len({p for _, p, _ in rules}) != len(rules):
         problems.append("internal error: mapping uses a tensor or variable twice")
     unfilled = set(expected) - {p for _, p, _ in rules}

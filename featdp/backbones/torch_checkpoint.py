@@ -86,13 +86,24 @@ class _PendingTensor:
     stride: tuple[int, ...]
 
 
+def _pending(storage, storage_offset, size, stride) -> _PendingTensor:
+    # Arguments come from the (untrusted) pickle, so check their types here.
+    ok = (isinstance(storage, (_Storage, _StorageView))
+          and isinstance(size, tuple) and isinstance(stride, tuple)
+          and len(size) == len(stride)
+          and all(isinstance(v, int) for v in (storage_offset, *size, *stride)))
+    if not ok:
+        raise UnsupportedCheckpointError("malformed tensor record in checkpoint")
+    return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    return _PendingTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _pending(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _PendingTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _pending(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):

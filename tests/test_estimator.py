@@ -1,0 +1,38 @@
+"""The scikit-learn estimator and the Python API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+import featdp
+from conftest import make_blobs
+
+
+def test_estimator_fits_predicts_and_reports():
+    x, y = make_blobs(n=600, d=10, k=3, spread=0.3)
+    labels = np.array(["cat", "dog", "emu"])[y]
+    model = featdp.DPLinearClassifier(method="dp-ls", epsilon=4.0, delta=1e-6, seed=0).fit(x, labels)
+    assert set(model.predict(x)) <= set(labels)
+    assert model.score(x, labels) > 0.8
+    assert model.coef_.shape == (3, 10)
+    assert model.privacy_report_["epsilon"] <= 4.0
+    assert clone(model).get_params()["method"] == "dp-ls"
+
+
+def test_estimator_passes_hyperparameters_and_rejects_bad_input():
+    x, y = make_blobs(n=100, d=4, k=2)
+    model = featdp.DPLinearClassifier(method="dp-sgd", epsilon=1.0, hyperparameters={"steps": 2})
+    assert model.fit(x, y).result_.method.steps == 2
+    x_bad = x.copy()
+    x_bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        featdp.DPLinearClassifier(epsilon=1.0).fit(x_bad, y)
+    with pytest.raises(ValueError, match="epsilon"):
+        featdp.DPLinearClassifier(epsilon=-1.0).fit(x, y)
+
+
+def test_default_delta_is_below_one_over_n():
+    for n in (10, 1797, 60_000, 1_281_167):
+        assert featdp.default_delta(n) < 1 / n
