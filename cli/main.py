@@ -33,6 +33,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError)
 
 
+def _extraction_errors() -> tuple[type[Exception], ...]:
+    from featdp.backbones.registry import BackboneError
+    from featdp.datasets import DatasetError
+    from featdp.extract import ExtractError
+    from featdp.featurefile import FeatureFileError
+
+    # Checkpoint readers raise their own ValueError subclasses and FileNotFoundError for missing files.
+    return (BackboneError, DatasetError, ExtractError, FeatureFileError, FileNotFoundError, PermissionError, ValueError)
+
+
 def _fail(message: str) -> None:
     errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -168,6 +178,78 @@ def demo(
             table.add_row(f"{name} (non-private)", *[f"{job.test_accuracy:.3f}"] * len(epsilons))
     console.print(table)
     console.print(f"heads and privacy reports under {out}/")
+
+
+@app.command()
+def extract(
+    backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="See `featdp backbones`."),
+    dataset: str = typer.Option("fashion_mnist", "--dataset", "-d",
+                                help="fashion_mnist, tfds:NAME or folder:PATH (PATH/<split>/<class>/<image>)."),
+    out: pathlib.Path = typer.Option(pathlib.Path("features.h5"), "--out", "-o"),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated; default: all splits."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="TFDS data_dir or the Fashion-MNIST folder."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights on disk for the backbone."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split (quick runs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file made by a different command."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16."),
+    workers: int = typer.Option(16, "--workers", help="Loader threads decoding and resizing images."),
+):
+    """Extract features of a frozen backbone into a feature file (resumable: re-run the same command)."""
+    from featdp.extract import ExtractConfig, extract as run_extract
+
+    config = ExtractConfig(
+        backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
+        data_dir=data_dir, checkpoint=checkpoint, batch_size=batch_size, limit=limit, overwrite=overwrite,
+        dtype=dtype, workers=workers,
+    )
+    try:
+        with _progress_reporter() as report:
+            path = run_extract(config, on_progress=report)
+    except _extraction_errors() as error:
+        _fail(str(error))
+    console.print(f"wrote {path}")
+
+
+class _progress_reporter:  # noqa: N801 - used as a context manager
+    """A rich progress bar with images/s on a terminal; one plain line per batch otherwise."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._tasks: dict[str, int] = {}
+        self._bar = None
+        if console.is_terminal:
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.0f} img/s"), TimeRemainingColumn(), console=console,
+            )
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, progress) -> None:
+        if self._bar is None:
+            console.print(f"{progress.split}: {progress.rows_done}/{progress.num_examples} rows, "
+                          f"{progress.images_per_second:.0f} img/s", highlight=False)
+            return
+        if progress.split not in self._tasks:
+            self._tasks[progress.split] = self._bar.add_task(progress.split, total=progress.num_examples, rate=0.0)
+        self._bar.update(self._tasks[progress.split], completed=progress.rows_done, rate=progress.images_per_second)
+
+    def __exit__(self, *exc_info):
+        if self._bar is not None:
+            self._bar.__exit__(*exc_info)
+
+
+@app.command()
+def backbones():
+    """List the registered backbones: feature dimension, input size, checkpoint source."""
+    from featdp.backbones.registry import backbone_specs
+
+    table = Table("backbone", "feature dim", "input", "checkpoint source")
+    for name, spec in backbone_specs().items():
+        table.add_row(name, str(spec.feature_dim), f"{spec.image_size}x{spec.image_size}", spec.checkpoint_source)
+    console.print(table)
 
 
 @app.callback(invoke_without_command=True)

@@ -1,0 +1,189 @@
+"""Stage one: run a frozen backbone over a dataset and append the features to the feature file.
+
+* Loader workers (grain, threads) decode and `prepare` images while the accelerator runs the previous
+  batch; JAX's asynchronous dispatch keeps one batch in flight while the last one is written.
+* One compiled program per batch shape: every batch has the same global size; the last partial batch is
+  padded with zeros and its padding rows are dropped before writing.
+* Data-parallel over all local devices: the batch is sharded along a 1-D mesh, the weights replicated.
+* bfloat16 weights and activations on GPU/TPU by default, float32 on CPU.
+* Resumable: rows are appended in order and `rows_done` is raised only after they are on disk, so a
+  killed run restarts at `rows_done` and, since batches start at the same rows, computes exactly what an
+  uninterrupted run would have. The file's metadata identifies the command; a different one is refused
+  unless `overwrite`.
+* A corrupt or unreadable image is fatal: the run stops naming the file, keeping the rows written so
+  far, so that a file's rows always correspond one-to-one to source indices 0..n−1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Callable, Iterator
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from featdp.backbones.registry import Backbone, load_backbone
+from featdp.datasets import open_dataset
+from featdp.featurefile import FeatureWriter
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ExtractError(ValueError):
+    """Bad extraction arguments (splits, batch size, output path)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    backbone: str = "efficientnet-lite0"
+    dataset: str = "fashion_mnist"
+    out: pathlib.Path = pathlib.Path("features.h5")
+    splits: tuple[str, ...] | None = None  # None: every split of the dataset
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    batch_size: int = 256
+    limit: int | None = None  # at most this many examples per split (quick runs)
+    overwrite: bool = False
+    dtype: str = "auto"
+    store_dtype: str = "float16"
+    workers: int = 16
+
+
+@dataclasses.dataclass
+class SplitProgress:
+    split: str
+    rows_done: int
+    num_examples: int
+    images_per_second: float
+
+
+def compute_dtype(requested: str) -> jnp.dtype:
+    if requested not in DTYPES:
+        raise ExtractError(f"dtype must be one of {DTYPES}, got {requested!r}")
+    if requested == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(requested)
+
+
+def cast_floating(tree, dtype):
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree
+    )
+
+
+class ShardedForward:
+    """The backbone compiled once, data-parallel over every local device."""
+
+    def __init__(self, backbone: Backbone, batch_size: int, dtype):
+        devices = jax.local_devices()
+        self.num_devices = len(devices)
+        # Each device gets an equal share: round the global batch up to a multiple of the device count.
+        self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
+        mesh = Mesh(np.asarray(devices), ("data",))
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        variables = cast_floating(jax.tree_util.tree_map(jnp.asarray, backbone.variables), dtype)
+        self._variables = jax.device_put(variables, replicated)
+        apply = backbone.apply
+        self._forward = jax.jit(
+            lambda v, x: apply(v, x).astype(jnp.float32), out_shardings=self._batch_sharding
+        )
+
+    def __call__(self, images: np.ndarray) -> jax.Array:
+        """Starts the forward pass on a full uint8 batch; returns without waiting for it."""
+        return self._forward(self._variables, jax.device_put(images, self._batch_sharding))
+
+
+def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
+             workers: int) -> Iterator[dict[str, np.ndarray]]:
+    def load(i):
+        image, label = dataset.example(split, int(i))
+        return {"image": backbone.prepare(image), "label": np.int64(label), "index": np.int64(i)}
+
+    pipeline = (
+        grain.MapDataset.range(start, stop)
+        .map(load)
+        .to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=4 * batch_size))
+        .batch(batch_size)
+    )
+    return iter(pipeline)
+
+
+def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
+    if len(images) == batch_size:
+        return images
+    padding = np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)
+    return np.concatenate([images, padding])
+
+
+def extract(config: ExtractConfig, on_progress: Callable[[SplitProgress], None] | None = None) -> pathlib.Path:
+    """Writes (or finishes) `config.out`; returns its path."""
+    if config.batch_size < 1:
+        raise ExtractError(f"batch size must be ≥ 1, got {config.batch_size}")
+    if config.limit is not None and config.limit < 1:
+        raise ExtractError(f"limit must be ≥ 1, got {config.limit}")
+    if config.store_dtype not in ("float16", "float32"):
+        raise ExtractError(f"store dtype must be float16 or float32, got {config.store_dtype!r}")
+    out = pathlib.Path(config.out)
+    if not out.parent.exists():
+        raise ExtractError(f"cannot write {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ExtractError(f"cannot write {out}: permission denied")
+    dataset = open_dataset(config.dataset, data_dir=config.data_dir)
+    splits = tuple(config.splits) if config.splits else tuple(dataset.splits)
+    unknown = [s for s in splits if s not in dataset.splits]
+    if unknown:
+        raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
+    dtype = compute_dtype(config.dtype)
+    backbone = load_backbone(config.backbone, config.checkpoint)
+    forward = ShardedForward(backbone, config.batch_size, dtype)
+    preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
+    with FeatureWriter(
+        out,
+        feature_dim=backbone.feature_dim,
+        num_classes=len(dataset.class_names),
+        class_names=list(dataset.class_names),
+        backbone=backbone.name,
+        checkpoint=backbone.checkpoint,
+        checkpoint_sha256=backbone.checkpoint_sha256,
+        dataset=config.dataset,
+        image_size=backbone.image_size,
+        preprocessing=preprocessing,
+        overwrite=config.overwrite,
+    ) as writer:
+        for split in splits:
+            total = dataset.splits[split] if config.limit is None else min(config.limit, dataset.splits[split])
+            done = writer.create_split(split, total, dtype=config.store_dtype)
+            _extract_split(dataset, split, backbone, forward, writer, done, total, config.workers, on_progress)
+            writer.mark_complete(split)
+    return out
+
+
+def _extract_split(dataset, split, backbone, forward, writer, done, total, workers, on_progress):
+    started, start_rows = time.perf_counter(), done
+    pending = None  # (features in flight on the device, labels, indices, valid rows)
+
+    def flush(item):
+        nonlocal done
+        features, labels, index, rows = item
+        done = writer.append(split, np.asarray(features)[:rows], labels, index)
+        if on_progress:
+            rate = (done - start_rows) / max(time.perf_counter() - started, 1e-9)
+            on_progress(SplitProgress(split, done, total, rate))
+
+    if on_progress:
+        on_progress(SplitProgress(split, done, total, 0.0))
+    for batch in _batches(dataset, split, backbone, done, total, forward.batch_size, workers):
+        rows = len(batch["label"])
+        in_flight = (forward(_pad(batch["image"], forward.batch_size)), batch["label"], batch["index"], rows)
+        if pending is not None:
+            flush(pending)  # overlaps with the batch just dispatched
+        pending = in_flight
+    if pending is not None:
+        flush(pending)
