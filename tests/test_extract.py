@@ -1,0 +1,161 @@
+"""Stage one end to end: content, data parallelism, resuming after SIGKILL, and bad input."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from featdp.backbones.registry import load_backbone
+from featdp.datasets import open_dataset
+from featdp.extract import ExtractConfig, extract
+from featdp.featurefile import FeatureFile
+from featdp_cli.main import app
+
+pytest.importorskip("kymatio")
+BACKBONE = "scatternet"  # weight-free and fast on a CPU
+
+
+def make_folder(root: pathlib.Path, per_class=(30, 10), classes=("ant", "bee", "cat"), seed=0):
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), per_class):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = int(rng.integers(20, 40))
+                pixels = (rng.random((size, size + c)) * 255).astype(np.uint8)
+                image = Image.fromarray(pixels) if i % 2 else Image.fromarray(np.stack([pixels] * 3, -1))
+                image.save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("images") / "data")
+
+
+def read_all(path):
+    with FeatureFile(path) as handle:
+        return {name: (*handle.split(name).read(), handle.split(name).read_index()) for name in handle.split_names}
+
+
+def test_extract_writes_what_the_backbone_computes(folder, tmp_path):
+    out = extract(ExtractConfig(backbone=BACKBONE, dataset=f"folder:{folder}", out=tmp_path / "f.h5", batch_size=7))
+    content = read_all(out)
+    dataset = open_dataset(f"folder:{folder}")
+    backbone = load_backbone(BACKBONE)
+    assert set(content) == {"train", "test"}
+    for split, (features, labels, index) in content.items():
+        n = dataset.splits[split]
+        np.testing.assert_array_equal(index, np.arange(n))
+        examples = [dataset.example(split, i) for i in range(n)]
+        np.testing.assert_array_equal(labels, [label for _, label in examples])
+        expected = np.asarray(jax.jit(backbone.apply)({}, np.stack([backbone.prepare(im) for im, _ in examples])))
+        # float16 storage: compare at its precision.
+        np.testing.assert_allclose(features, expected, rtol=2e-3, atol=2e-3)
+    with FeatureFile(out) as handle:
+        meta = handle.metadata
+    assert meta.backbone == BACKBONE and meta.class_names == ("ant", "bee", "cat")
+    assert meta.preprocessing["compute_dtype"] == "float32" and meta.feature_dim == 3969
+
+
+def test_data_parallel_over_eight_cpu_devices_matches_one_device(folder, tmp_path):
+    single = extract(ExtractConfig(backbone=BACKBONE, dataset=f"folder:{folder}", out=tmp_path / "one.h5",
+                                   batch_size=16, store_dtype="float32"))
+    script = (
+        "import jax, pathlib, sys; assert jax.local_device_count() == 8, jax.local_devices();"
+        "from featdp.extract import ExtractConfig, extract;"
+        f"extract(ExtractConfig(backbone='{BACKBONE}', dataset='folder:{folder}', out=pathlib.Path(sys.argv[1]),"
+        "batch_size=12, store_dtype='float32'))"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "eight.h5")], env=env, check=True)
+    one, eight = read_all(single), read_all(tmp_path / "eight.h5")
+    for split in one:
+        np.testing.assert_allclose(eight[split][0], one[split][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(eight[split][1], one[split][1])
+
+
+def _command(folder, out):
+    return [sys.executable, "-c", "from featdp_cli.main import app; app()", "extract", "--backbone", BACKBONE,
+            "--dataset", f"folder:{folder}", "--out", str(out), "--batch-size", "4", "--workers", "2"]
+
+
+def _run_and_kill_after(command, split, rows):
+    """Starts the command, SIGKILLs it once it reports `rows` rows of `split` done (or lets it finish)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(f"{split}:") and int(line.split()[1].split("/")[0]) >= rows:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    return process.returncode
+
+
+def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_file(folder, tmp_path):
+    reference = tmp_path / "reference.h5"
+    assert subprocess.run(_command(folder, reference), capture_output=True).returncode == 0
+    expected = read_all(reference)
+    for split, rows in [("train", 4), ("train", 48), ("test", 0), ("test", 24)]:
+        out = tmp_path / f"killed_{split}_{rows}.h5"
+        code = _run_and_kill_after(_command(folder, out), split, rows)
+        assert code == -signal.SIGKILL, f"the run finished before the kill at {split}:{rows}"
+        result = CliRunner().invoke(app, ["fit", str(out), "--eps", "1", "--train-split", split])
+        assert result.exit_code != 0 and "incomplete" in result.output  # readers refuse unfinished splits
+        assert subprocess.run(_command(folder, out), capture_output=True).returncode == 0
+        resumed = read_all(out)
+        for name, (features, labels, index) in expected.items():
+            np.testing.assert_array_equal(resumed[name][2], index)  # no row missing, none twice
+            np.testing.assert_array_equal(resumed[name][1], labels)
+            np.testing.assert_array_equal(resumed[name][0], features)
+
+
+def test_a_different_command_is_refused_unless_overwrite(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    runner = CliRunner()
+    base = ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{folder}", "--out", str(out)]
+    assert runner.invoke(app, base + ["--limit", "5"]).exit_code == 0
+    refused = runner.invoke(app, base + ["--limit", "6"])
+    assert refused.exit_code != 0 and "error:" in refused.output
+    assert runner.invoke(app, base + ["--limit", "6", "--overwrite"]).exit_code == 0
+    assert read_all(out)["train"][0].shape[0] == 6
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--backbone", "resnet-9000"], "unknown backbone 'resnet-9000'"),
+        (["--dataset", "tfds:no_such_dataset_xyz"], "no_such_dataset_xyz"),
+        (["--dataset", "folder:/nonexistent/images"], "/nonexistent/images"),
+        (["--splits", "validation"], "validation"),
+        (["--batch-size", "0"], "batch size"),
+        (["--out", "/nonexistent/dir/f.h5"], "/nonexistent/dir"),
+        (["--backbone", "efficientnet-lite0", "--checkpoint", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
+    ],
+)
+def test_bad_extract_arguments_fail_with_a_message(folder, tmp_path, args, fragment):
+    defaults = {"--backbone": BACKBONE, "--dataset": f"folder:{folder}", "--out": str(tmp_path / "f.h5")}
+    for flag in args[::2]:
+        defaults.pop(flag, None)
+    argv = ["extract", *[x for kv in defaults.items() for x in kv], *args]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code != 0 and "error:" in result.output, result.output
+    assert fragment in result.output, result.output
+
+
+def test_a_corrupt_image_is_fatal_and_named(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=(3, 1))
+    bad = root / "train" / "bee" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{root}",
+                                      "--out", str(tmp_path / "f.h5")])
+    assert result.exit_code != 0 and "001.png" in result.output, result.output
