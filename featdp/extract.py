@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -90,14 +91,18 @@ class ShardedForward:
         replicated = NamedSharding(mesh, PartitionSpec())
         variables = cast_floating(jax.tree_util.tree_map(jnp.asarray, backbone.variables), dtype)
         self._variables = jax.device_put(variables, replicated)
-        apply = backbone.apply
-        self._forward = jax.jit(
-            lambda v, x: apply(v, x).astype(jnp.float32), out_shardings=self._batch_sharding
-        )
+        self._apply = backbone.apply
 
     def __call__(self, images: np.ndarray) -> jax.Array:
         """Starts the forward pass on a full uint8 batch; returns without waiting for it."""
-        return self._forward(self._variables, jax.device_put(images, self._batch_sharding))
+        return _forward(self._apply, self._variables, jax.device_put(images, self._batch_sharding))
+
+
+# `apply` is static: the compiled program is cached per backbone function and batch shape, so running
+# the same backbone again (another split, another file) does not recompile.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(apply, variables, images):
+    return apply(variables, images).astype(jnp.float32)
 
 
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
@@ -122,8 +127,13 @@ def _pad(images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([images, padding])
 
 
-def extract(config: ExtractConfig, on_progress: Callable[[SplitProgress], None] | None = None) -> pathlib.Path:
-    """Writes (or finishes) `config.out`; returns its path."""
+def extract(
+    config: ExtractConfig,
+    on_progress: Callable[[SplitProgress], None] | None = None,
+    backbone: Backbone | None = None,
+) -> pathlib.Path:
+    """Writes (or finishes) `config.out`; returns its path. `backbone` overrides `config.backbone`
+    with one already loaded (a custom or randomly initialised model)."""
     if config.batch_size < 1:
         raise ExtractError(f"batch size must be ≥ 1, got {config.batch_size}")
     if config.limit is not None and config.limit < 1:
@@ -141,7 +151,8 @@ def extract(config: ExtractConfig, on_progress: Callable[[SplitProgress], None] 
     if unknown:
         raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
     dtype = compute_dtype(config.dtype)
-    backbone = load_backbone(config.backbone, config.checkpoint)
+    if backbone is None:
+        backbone = load_backbone(config.backbone, config.checkpoint)
     forward = ShardedForward(backbone, config.batch_size, dtype)
     preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
     with FeatureWriter(
