@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -53,7 +54,7 @@ class ExtractConfig:
     overwrite: bool = False
     dtype: str = "auto"
     store_dtype: str = "float16"
-    workers: int = 16
+    workers: int = min(16, os.cpu_count() or 1)  # loader processes; 1 loads in the main process
 
 
 @dataclasses.dataclass
@@ -105,18 +106,55 @@ def _forward(apply, variables, images):
     return apply(variables, images).astype(jnp.float32)
 
 
+class _LoadBatch:
+    """Decodes and prepares the examples of one batch; picklable, so it runs in worker processes."""
+
+    def __init__(self, dataset, split: str, prepare):
+        self.dataset, self.split, self.prepare = dataset, split, prepare
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        images, labels = [], []
+        for i in indices:
+            image, label = self.dataset.example(self.split, int(i))
+            images.append(self.prepare(image))
+            labels.append(label)
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int64),
+                "index": np.asarray(indices, np.int64)}
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """Runs in each loader process: exit once the extracting process is gone (e.g. SIGKILLed), which
+    multiprocessing does not do by itself."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="featdp-parent-watch").start()
+
+
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
              workers: int) -> Iterator[dict[str, np.ndarray]]:
-    def load(i):
-        image, label = dataset.example(split, int(i))
-        return {"image": backbone.prepare(image), "label": np.int64(label), "index": np.int64(i)}
-
+    # Batches are contiguous row ranges [start + k·B, start + (k+1)·B) built before any worker sees
+    # them, so however many workers load them, rows reach the file in order. Worker *processes*:
+    # Pillow decoding holds the GIL often enough that threads stop scaling after ~2 (measured on a
+    # 16-core host: 1 thread 1.1k img/s, 16 threads 0.5k).
     pipeline = (
         grain.MapDataset.range(start, stop)
-        .map(load)
-        .to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=4 * batch_size))
         .batch(batch_size)
+        .map(_LoadBatch(dataset, split, backbone.prepare))
+        .to_iter_dataset()
     )
+    if workers > 1:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; our CLI is typer, not absl
+            flags.FLAGS.mark_as_parsed()
+        pipeline = pipeline.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+            worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
+        )
     return iter(pipeline)
 
 

@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -49,7 +50,8 @@ def read_all(path):
 
 
 def test_extract_writes_what_the_backbone_computes(folder, tmp_path):
-    out = extract(ExtractConfig(backbone=BACKBONE, dataset=f"folder:{folder}", out=tmp_path / "f.h5", batch_size=7))
+    out = extract(ExtractConfig(backbone=BACKBONE, dataset=f"folder:{folder}", out=tmp_path / "f.h5", batch_size=7,
+                               workers=1))
     content = read_all(out)
     dataset = open_dataset(f"folder:{folder}")
     backbone = load_backbone(BACKBONE)
@@ -70,12 +72,12 @@ def test_extract_writes_what_the_backbone_computes(folder, tmp_path):
 
 def test_data_parallel_over_eight_cpu_devices_matches_one_device(folder, tmp_path):
     single = extract(ExtractConfig(backbone=BACKBONE, dataset=f"folder:{folder}", out=tmp_path / "one.h5",
-                                   batch_size=16, store_dtype="float32"))
+                                   batch_size=16, store_dtype="float32", workers=1))
     script = (
         "import jax, pathlib, sys; assert jax.local_device_count() == 8, jax.local_devices();"
         "from featdp.extract import ExtractConfig, extract;"
         f"extract(ExtractConfig(backbone='{BACKBONE}', dataset='folder:{folder}', out=pathlib.Path(sys.argv[1]),"
-        "batch_size=12, store_dtype='float32'))"
+        "batch_size=12, store_dtype='float32', workers=1))"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "eight.h5")], env=env, check=True)
@@ -87,18 +89,42 @@ def test_data_parallel_over_eight_cpu_devices_matches_one_device(folder, tmp_pat
 
 def _command(folder, out):
     return [sys.executable, "-c", "from featdp_cli.main import app; app()", "extract", "--backbone", BACKBONE,
-            "--dataset", f"folder:{folder}", "--out", str(out), "--batch-size", "4", "--workers", "2"]
+            "--dataset", f"folder:{folder}", "--out", str(out), "--batch-size", "4", "--workers", "2"]  # processes
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _run_and_kill_after(command, split, rows):
-    """Starts the command, SIGKILLs it once it reports `rows` rows of `split` done (or lets it finish)."""
+    """Starts the command, SIGKILLs it once it reports `rows` rows of `split` done (or lets it finish).
+    Returns its exit code and the loader processes it had started."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = []
     for line in process.stdout:
         if line.startswith(f"{split}:") and int(line.split()[1].split("/")[0]) >= rows:
+            children = _children(process.pid)
             process.send_signal(signal.SIGKILL)
             break
     process.wait()
-    return process.returncode
+    return process.returncode, children
+
+
+def _gone_within(pids, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(pathlib.Path(f"/proc/{pid}").exists() for pid in pids):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_file(folder, tmp_path):
@@ -107,8 +133,9 @@ def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_file(folder, tm
     expected = read_all(reference)
     for split, rows in [("train", 4), ("train", 48), ("test", 0), ("test", 24)]:
         out = tmp_path / f"killed_{split}_{rows}.h5"
-        code = _run_and_kill_after(_command(folder, out), split, rows)
+        code, loaders = _run_and_kill_after(_command(folder, out), split, rows)
         assert code == -signal.SIGKILL, f"the run finished before the kill at {split}:{rows}"
+        assert _gone_within(loaders), "loader processes outlived the killed run"
         result = CliRunner().invoke(app, ["fit", str(out), "--eps", "1", "--train-split", split])
         assert result.exit_code != 0 and "incomplete" in result.output  # readers refuse unfinished splits
         assert subprocess.run(_command(folder, out), capture_output=True).returncode == 0
@@ -122,7 +149,7 @@ def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_file(folder, tm
 def test_a_different_command_is_refused_unless_overwrite(folder, tmp_path):
     out = tmp_path / "f.h5"
     runner = CliRunner()
-    base = ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{folder}", "--out", str(out)]
+    base = ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{folder}", "--out", str(out), "--workers", "1"]
     assert runner.invoke(app, base + ["--limit", "5"]).exit_code == 0
     refused = runner.invoke(app, base + ["--limit", "6"])
     assert refused.exit_code != 0 and "error:" in refused.output
@@ -143,7 +170,8 @@ def test_a_different_command_is_refused_unless_overwrite(folder, tmp_path):
     ],
 )
 def test_bad_extract_arguments_fail_with_a_message(folder, tmp_path, args, fragment):
-    defaults = {"--backbone": BACKBONE, "--dataset": f"folder:{folder}", "--out": str(tmp_path / "f.h5")}
+    defaults = {"--backbone": BACKBONE, "--dataset": f"folder:{folder}", "--out": str(tmp_path / "f.h5"),
+                "--workers": "1"}
     for flag in args[::2]:
         defaults.pop(flag, None)
     argv = ["extract", *[x for kv in defaults.items() for x in kv], *args]
@@ -157,5 +185,5 @@ def test_a_corrupt_image_is_fatal_and_named(tmp_path):
     bad = root / "train" / "bee" / "001.png"
     bad.write_bytes(bad.read_bytes()[:40])
     result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{root}",
-                                      "--out", str(tmp_path / "f.h5")])
+                                      "--out", str(tmp_path / "f.h5"), "--workers", "2"])
     assert result.exit_code != 0 and "001.png" in result.output, result.output
