@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from featdp.backbones.registry import Backbone, load_backbone
 from featdp.datasets import open_dataset
 from featdp.featurefile import FeatureWriter
+from featdp.loading import LoadBatch
 
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -106,22 +107,6 @@ def _forward(apply, variables, images):
     return apply(variables, images).astype(jnp.float32)
 
 
-class _LoadBatch:
-    """Decodes and prepares the examples of one batch; picklable, so it runs in worker processes."""
-
-    def __init__(self, dataset, split: str, prepare):
-        self.dataset, self.split, self.prepare = dataset, split, prepare
-
-    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        images, labels = [], []
-        for i in indices:
-            image, label = self.dataset.example(self.split, int(i))
-            images.append(self.prepare(image))
-            labels.append(label)
-        return {"image": np.stack(images), "label": np.asarray(labels, np.int64),
-                "index": np.asarray(indices, np.int64)}
-
-
 def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
     """Runs in each loader process: exit once the extracting process is gone (e.g. SIGKILLed), which
     multiprocessing does not do by itself."""
@@ -143,7 +128,7 @@ def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, bat
     pipeline = (
         grain.MapDataset.range(start, stop)
         .batch(batch_size)
-        .map(_LoadBatch(dataset, split, backbone.prepare))
+        .map(LoadBatch(dataset, split, backbone.prepare))
         .to_iter_dataset()
     )
     if workers > 1:
