@@ -179,6 +179,10 @@ def _split_group(path, h5: h5py.File, name: str) -> h5py.Group:
 
 
 def _first_nonfinite_row(x: np.ndarray) -> int | None:
+    # Fast path: a NaN or ±Inf anywhere makes the float64 sum non-finite (finite float16/32 values cannot
+    # overflow it), so the row-wise scan, which allocates a boolean copy, runs only when something is bad.
+    if np.isfinite(np.sum(x, dtype=np.float64)):
+        return None
     finite_rows = np.isfinite(x).all(axis=1)
     return None if finite_rows.all() else int(np.argmin(finite_rows))
 

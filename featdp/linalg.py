@@ -6,6 +6,9 @@ import numpy as np
 import scipy.linalg
 
 
+_FLOAT32_FROM_DIM = 1024
+
+
 def psd_ridge_solve(matrix: np.ndarray, lam: float, rhs: np.ndarray) -> np.ndarray:
     """(PSD(M) + λI)⁻¹ rhs, where PSD sets M's negative eigenvalues to 0 (DESIGN §3).
 
@@ -28,7 +31,14 @@ def psd_ridge_inverse(matrix: np.ndarray, lam: float):
     """A function rhs ↦ (PSD(M) + λI)⁻¹ rhs, decomposing M once for many solves."""
     if not lam > 0:
         raise ValueError(f"the ridge term must be > 0, got {lam}")
-    eigenvalues, vectors = scipy.linalg.eigh(matrix, check_finite=False)
+    if len(matrix) >= _FLOAT32_FROM_DIM:
+        # The O(d³) decomposition dominates fits at these sizes; float32 divide-and-conquer is ~2.4× faster
+        # than float64 (d = 3969: 3.8 s vs 9.4 s here), and its rounding (~1e-7·‖M‖) is far below both the
+        # privacy noise on a released matrix and the ridge term λ that bounds the conditioning.
+        eigenvalues, vectors = scipy.linalg.eigh(matrix.astype(np.float32), check_finite=False, driver="evd")
+        eigenvalues, vectors = eigenvalues.astype(np.float64), vectors.astype(np.float64)
+    else:
+        eigenvalues, vectors = scipy.linalg.eigh(matrix, check_finite=False)
     inverse = 1.0 / (np.maximum(eigenvalues, 0.0) + lam)
 
     def solve(rhs: np.ndarray) -> np.ndarray:

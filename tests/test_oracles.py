@@ -83,3 +83,20 @@ def test_non_private_references_match_numpy_and_sklearn(name, blobs):
         # sklearn minimizes ½‖W‖² + C·Σ loss, i.e. our l2 = 1/C.
         reference = LogisticRegression(C=1.0, fit_intercept=False, tol=1e-10, max_iter=5000).fit(x, blobs.labels)
         np.testing.assert_allclose(result.weights, reference.coef_.T, rtol=1e-3, atol=1e-3)
+
+
+def test_large_dimension_solve_in_float32_matches_float64():
+    """From d = 1024 the PSD solve decomposes in float32; it must agree with float64 to well below noise."""
+    import scipy.linalg
+
+    from featdp import linalg
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 1100))
+    matrix = x.T @ x + rng.normal(size=(1100, 1100)) * 5.0
+    matrix = (matrix + matrix.T) / 2
+    rhs = rng.normal(size=(1100, 7))
+    lam = 50.0
+    values, vectors = scipy.linalg.eigh(matrix)
+    exact = vectors @ ((vectors.T @ rhs) / (np.maximum(values, 0) + lam)[:, None])
+    np.testing.assert_allclose(linalg.psd_ridge_solve(matrix, lam, rhs), exact, rtol=1e-3, atol=1e-5 * np.abs(exact).max())
