@@ -133,6 +133,48 @@ class Calibration:
     event: events.DpEvent
 
 
+def _without_sampling(event: events.DpEvent) -> events.DpEvent:
+    """`event` with every Poisson sampling step replaced by its full-data mechanism."""
+    if isinstance(event, events.PoissonSampledDpEvent):
+        return _without_sampling(event.event)
+    if isinstance(event, events.SelfComposedDpEvent):
+        return events.SelfComposedDpEvent(_without_sampling(event.event), event.count)
+    if isinstance(event, events.ComposedDpEvent):
+        return events.ComposedDpEvent([_without_sampling(e) for e in event.events])
+    return event
+
+
+def _bracket(make_event, eps_at, target: float, delta: float) -> tuple[float, float]:
+    """Scales lo < hi with ε(lo) > target ≥ ε(hi).
+
+    Accountant evaluations at small noise are the expensive ones for subsampled events (wide privacy
+    loss distributions), so the search comes down from above. Subsampling never increases ε, so the
+    exact noise scale for the event without sampling is a valid, cheaply computed upper end.
+    """
+    hi = 2.0
+    unsampled = lambda s: _without_sampling(make_event(s))  # noqa: E731
+    if ExactGaussianAccountant().supports(unsampled(1.0)):
+        exact = lambda s: ExactGaussianAccountant().compose(unsampled(s)).get_epsilon(delta)  # noqa: E731
+        hi = 1.0
+        while exact(hi) > target:
+            hi *= 2
+        while hi > 2 * _MIN_SCALE and exact(hi / 2) <= target:
+            hi /= 2
+    while eps_at(hi) > target:
+        hi *= 2
+        if hi > _MAX_SCALE:
+            raise PrivacyParameterError(
+                f"epsilon={target} at delta={delta} needs a noise scale above {_MAX_SCALE:g}: "
+                "the released head would be pure noise; raise epsilon or delta"
+            )
+    lo = hi / 2
+    while eps_at(lo) <= target:
+        if lo < _MIN_SCALE:
+            raise PrivacyParameterError(f"epsilon={target} at delta={delta} is reached with no noise at all")
+        hi, lo = lo, lo / 2
+    return lo, hi
+
+
 def calibrate(
     make_event: Callable[[float], events.DpEvent],
     target_epsilon: float,
@@ -147,16 +189,7 @@ def calibrate(
     probe = make_event(1.0)
     make_fresh = functools.partial(_accountant_for, probe, accountant)
     eps_at = lambda s: make_fresh().compose(make_event(s)).get_epsilon(delta)  # noqa: E731
-    if eps_at(_MAX_SCALE) > target_epsilon:
-        raise PrivacyParameterError(
-            f"epsilon={target_epsilon} at delta={delta} needs a noise scale above {_MAX_SCALE:g}: "
-            "the released head would be pure noise; raise epsilon or delta"
-        )
-    lo, hi = 0.5, 2.0
-    while lo > _MIN_SCALE and eps_at(lo) < target_epsilon:
-        lo /= 4
-    while eps_at(hi) > target_epsilon:
-        hi *= 4
+    lo, hi = _bracket(make_event, eps_at, target_epsilon, delta)
     scale = float(
         dp_accounting.calibrate_dp_mechanism(
             make_fresh,
