@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -27,6 +26,8 @@ from typing import Any, Iterator
 
 import h5py
 import numpy as np
+
+from featdp.checksums import file_sha256  # noqa: F401 (re-exported: part of this module's API)
 
 import featdp
 
@@ -582,12 +583,3 @@ class FeatureFile:
                 )
             n = done
         return Split(self.path, name, group, n, self.metadata.num_classes)
-
-
-def file_sha256(path: os.PathLike | str, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 of the file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()

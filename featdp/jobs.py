@@ -7,7 +7,8 @@ import os
 import pathlib
 
 from featdp import report as report_lib
-from featdp.featurefile import FeatureFile, FeatureFileError, file_sha256
+from featdp.checksums import file_sha256
+from featdp.featurefile import FeatureFile, FeatureFileError
 from featdp.training import FitResult, fit
 
 

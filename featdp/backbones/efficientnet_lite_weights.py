@@ -4,7 +4,6 @@ and map the torch state dict (lukemelas/ml-illustrated naming) onto Flax variabl
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import os
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from featdp.checksums import file_sha256
 
 from featdp.backbones.efficientnet_lite import (
     EfficientNetLite,
@@ -81,13 +82,6 @@ def checkpoint_path(name: str) -> Path:
     return path
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _conv(w: np.ndarray) -> np.ndarray:

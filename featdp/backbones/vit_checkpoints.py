@@ -31,7 +31,6 @@ align_corners=False)`, what timm uses for these `.npz` files).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+
+from featdp.checksums import file_sha256
 
 from featdp.backbones.registry import BackboneError
 from featdp.backbones.vit import CONFIGS, POOLS, ViTConfig, checkpoint_sources
@@ -73,12 +74,6 @@ class LoadedViT:
     sha256: str = ""
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -483,4 +478,4 @@ def load_vit_checkpoint(path: str | os.PathLike | None, config: ViTConfig, image
         raise BackboneError(f"{config.name} checkpoint not found: {path} is not a file; "
                             f"pass --checkpoint PATH to a downloaded .npz or .safetensors")
     loaded = convert_checkpoint(read_checkpoint(path), config, image_size, pool, gelu_approximate)
-    return dataclasses.replace(loaded, path=str(path), sha256=_sha256(path))
+    return dataclasses.replace(loaded, path=str(path), sha256=file_sha256(path))
