@@ -9,7 +9,7 @@ it fits a memory budget, so multi-pass methods do not re-read the disk.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -140,8 +140,15 @@ class TrainingData:
     def clip_norm(self) -> float:
         return self.preprocessing.clip_norm
 
-    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for x, y in self.source.blocks(self.block_rows):
+    def blocks(
+        self, select: Callable[[int, int], np.ndarray] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Preprocessed blocks; `select(block_index, rows)` (a boolean mask) keeps only some rows,
+        applied before preprocessing so that sampled-out rows cost no work."""
+        for index, (x, y) in enumerate(self.source.blocks(self.block_rows)):
+            if select is not None:
+                keep = select(index, len(y))
+                x, y = x[keep], y[keep]
             yield self.preprocessing(x), y
 
 

@@ -31,12 +31,14 @@ def private_mean_gradient(
     Adding or removing one example changes the sum by one clipped gradient: Δ = C_g. Dividing by the
     public expected batch size q·n, not |S|, keeps the mean estimate post-processing.
     """
+    select = None
+    if sampling_probability < 1:
+        def select(block: int, rows: int) -> np.ndarray:
+            return releaser.poisson_mask(step, block, rows, sampling_probability)
+
     total = np.zeros_like(weights, dtype=np.float64)
-    for block, (x, y) in enumerate(data.blocks()):
-        mask = None
-        if sampling_probability < 1:
-            mask = releaser.poisson_mask(step, block, len(y), sampling_probability)
-        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip, mask)
+    for x, y in data.blocks(select):
+        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip)
     noisy = releaser.release(
         "gradient_sum", total, sensitivity=grad_clip, noise_multiplier=noise_multiplier,
         sampling_probability=sampling_probability, step=step,

@@ -46,15 +46,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def clipped_softmax_gradient_sum(
-    x: np.ndarray, y: np.ndarray, weights: np.ndarray, clip: float, mask: np.ndarray | None = None
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray, clip: float
 ) -> np.ndarray:
-    """Σ_i clip_C(x_i (p_i − e_{y_i})ᵀ) over the block's rows (those in `mask`, if given).
+    """Σ_i clip_C(x_i (p_i − e_{y_i})ᵀ) over the block's rows.
 
     The per-example gradient is an outer product, so its Frobenius norm is ‖x_i‖·‖p_i − e_{y_i}‖ and
     clipping is a per-row scale on the residual: no d×K per-example gradient is ever materialized.
     """
-    if mask is not None:
-        x, y = x[mask], y[mask]
     residual = softmax(x @ weights.astype(np.float32))
     residual[np.arange(len(y)), y] -= 1
     norms = np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1)
