@@ -12,6 +12,7 @@ import types
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -332,3 +333,19 @@ def test_reader_rejects_non_checkpoints(tmp_path):
     path.write_bytes(b"hello world")
     with pytest.raises(UnsupportedCheckpointError):
         load_torch_state_dict(path)
+
+
+@pytest.mark.parametrize("kernel,stride,depthwise,size", [
+    (1, 1, False, 9), (3, 2, False, 9), (3, 2, False, 8), (3, 1, True, 7), (5, 2, True, 11), (3, 2, True, 10),
+])
+def test_cpu_friendly_conv_equals_native_conv(kernel, stride, depthwise, size):
+    from featdp.backbones.efficientnet_lite import same_conv
+
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + size)
+    channels, out = 6, (6 if depthwise else 5)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, channels)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1 if depthwise else channels, out)), jnp.float32)
+    native = np.asarray(same_conv(x, w, stride, depthwise, cpu_friendly=False))
+    friendly = np.asarray(same_conv(x, w, stride, depthwise, cpu_friendly=True))
+    assert friendly.shape == native.shape == (2, -(-size // stride), -(-(size + 1) // stride), out)
+    np.testing.assert_allclose(friendly, native, rtol=1e-5, atol=1e-5)
