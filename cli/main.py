@@ -207,11 +207,15 @@ def extract(
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated; default: all splits."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="TFDS data_dir or the Fashion-MNIST folder."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights on disk for the backbone."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Default: 256 on GPU/TPU, 32 on the CPU."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split (quick runs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file made by a different command."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16."),
-    workers: int = typer.Option(16, "--workers", help="Loader threads decoding and resizing images."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Loader processes decoding and resizing images (default: min(16, CPU count)); 1 loads in this process."
+    ),
 ):
     """Extract features of a frozen backbone into a feature file (resumable: re-run the same command)."""
     from featdp.extract import ExtractConfig, extract as run_extract
@@ -219,7 +223,7 @@ def extract(
     config = ExtractConfig(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
         data_dir=data_dir, checkpoint=checkpoint, batch_size=batch_size, limit=limit, overwrite=overwrite,
-        dtype=dtype, workers=workers,
+        dtype=dtype, **({} if workers is None else {"workers": workers}),
     )
     try:
         with _progress_reporter() as report:

@@ -50,7 +50,7 @@ class ExtractConfig:
     splits: tuple[str, ...] | None = None  # None: every split of the dataset
     data_dir: str | None = None
     checkpoint: str | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256 on GPU/TPU, 32 on the CPU (see default_batch_size)
     limit: int | None = None  # at most this many examples per split (quick runs)
     overwrite: bool = False
     dtype: str = "auto"
@@ -64,6 +64,12 @@ class SplitProgress:
     rows_done: int
     num_examples: int
     images_per_second: float
+
+
+def default_batch_size() -> int:
+    """Large batches keep an accelerator busy; on the CPU, activations of 256 images at 224² (over 1 GB
+    per layer) fall out of cache, and 32 is as fast per image (measured: Lite0 39 img/s at 16, 35 at 64)."""
+    return 256 if jax.default_backend() in ("gpu", "tpu") else 32
 
 
 def compute_dtype(requested: str) -> jnp.dtype:
@@ -129,7 +135,9 @@ def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, bat
         grain.MapDataset.range(start, stop)
         .batch(batch_size)
         .map(LoadBatch(dataset, split, backbone.prepare))
-        .to_iter_dataset()
+        # One thread and a short buffer per loader: parallelism comes from the processes, and grain's
+        # default (16 threads, 500 elements ahead) held 4.6 GB of prepared batches per worker.
+        .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     )
     if workers > 1:
         from absl import flags
@@ -157,8 +165,9 @@ def extract(
 ) -> pathlib.Path:
     """Writes (or finishes) `config.out`; returns its path. `backbone` overrides `config.backbone`
     with one already loaded (a custom or randomly initialised model)."""
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise ExtractError(f"batch size must be ≥ 1, got {config.batch_size}")
+    batch_size = config.batch_size or default_batch_size()
     if config.limit is not None and config.limit < 1:
         raise ExtractError(f"limit must be ≥ 1, got {config.limit}")
     if config.store_dtype not in ("float16", "float32"):
@@ -176,7 +185,7 @@ def extract(
     dtype = compute_dtype(config.dtype)
     if backbone is None:
         backbone = load_backbone(config.backbone, config.checkpoint)
-    forward = ShardedForward(backbone, config.batch_size, dtype)
+    forward = ShardedForward(backbone, batch_size, dtype)
     preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
     with FeatureWriter(
         out,
