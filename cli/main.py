@@ -199,6 +199,56 @@ def demo(
 
 
 @app.command()
+def bench(
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    eps: str = typer.Option("0.1,0.5,1,2,3,4,8", "--eps", help="Comma-separated epsilons."),
+    delta: float = typer.Option(1e-5, "--delta"),
+    seeds: int = typer.Option(5, "--seeds", help="Fits per (method, ε); seeds 0…N−1."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated; default: every method."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report rows tuned on held-out train data."),
+    peers: str = typer.Option("", "--peers", help="Comma-separated peers: opacus-dpsgd, diffprivlib-logreg, sklearn-logreg."),
+    out: pathlib.Path = typer.Option(pathlib.Path("bench"), "--out", help="Directory for .md/.csv/.json/.png."),
+    name: Optional[str] = typer.Option(None, "--name", help="File stem; default: the feature file's stem."),
+    train_split: str = typer.Option("train", "--train-split"),
+    test_split: str = typer.Option("test", "--test-split"),
+    accountant: str = typer.Option("pld", "--accountant"),
+):
+    """Every method × ε × seed on one feature file (plus tuned, non-private and peer rows): tables and a plot."""
+    from featdp.bench import report as bench_report
+    from featdp.bench.runner import BenchConfig, BenchError, load_splits, run_bench
+
+    command = " ".join(
+        [f"featdp bench {features} --eps {eps} --delta {delta:g} --seeds {seeds}"]
+        + ([f"--methods {methods}"] if methods else []) + ([] if tune else ["--no-tune"])
+        + ([f"--peers {peers}"] if peers else []) + ([f"--accountant {accountant}"] if accountant != "pld" else [])
+    )
+    try:
+        epsilons = tuple(float(e) for e in eps.split(","))
+    except ValueError:
+        _fail(f"--eps expects comma-separated numbers, got {eps!r}")
+    try:
+        config = BenchConfig(
+            epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, accountant=accountant,
+            methods=tuple(methods.split(",")) if methods else None,
+            peers=tuple(p for p in peers.split(",") if p),
+        )
+        train, test = load_splits(features, train_split, test_split)
+
+        def show(row):
+            budget = "non-private" if row.epsilon is None else f"ε={row.epsilon:g} seed {row.seed}"
+            console.print(f"  {row.kind:<11} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
+                          f"{row.fit_seconds:7.2f} s", highlight=False)
+
+        result = run_bench(train, test, config, on_row=show)
+    except (BenchError, *_user_errors()) as error:
+        _fail(str(error))
+    stem = name or features.stem
+    paths = bench_report.write_all(result, out, stem, f"featdp bench: {features.name}", command)
+    console.print(bench_report.markdown(result, f"featdp bench: {features.name}", command), highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def extract(
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="See `featdp backbones`."),
     dataset: str = typer.Option("fashion_mnist", "--dataset", "-d",

@@ -53,6 +53,18 @@ class ArraySource:
             yield self.features[start : start + block_rows], self.labels[start : start + block_rows]
 
 
+class FrozenArraySource(ArraySource):
+    """Arrays in memory that cannot change (read-only copies), so exact statistics of them are computed
+    once and reused across fits: a benchmark fits the same rows hundreds of times. The memo holds only
+    pre-noise statistics of the data; every fit still draws its own fresh noise."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.features, self.labels = self.features.copy(), self.labels.copy()
+        self.features.flags.writeable = self.labels.flags.writeable = False
+        self.memo: dict = {}
+
+
 def validate_arrays(features, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features)
     labels = np.asarray(labels)

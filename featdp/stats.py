@@ -27,7 +27,12 @@ def one_hot(y: np.ndarray, num_classes: int, dtype=np.float32) -> np.ndarray:
 
 
 def second_moments(data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass."""
+    """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass; computed once per preprocessing for a
+    `FrozenArraySource` (whose rows cannot change)."""
+    memo = getattr(data.source, "memo", None)
+    key = ("second_moments", data.preprocessing)
+    if memo is not None and key in memo:
+        return memo[key]
     d, k = data.feature_dim, data.num_classes
     gram = np.zeros((d, d), dtype=np.float64)
     cross = np.zeros((d, k), dtype=np.float64)
@@ -35,6 +40,9 @@ def second_moments(data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
         # float32 gemm per block (BLAS is fastest there), float64 accumulation across blocks.
         gram += x.T @ x
         cross += class_sums(x, y, k)
+    if memo is not None:
+        gram.flags.writeable = cross.flags.writeable = False  # shared by later fits: nobody may change them
+        memo[key] = (gram, cross)
     return gram, cross
 
 

@@ -50,6 +50,12 @@ class Method:
         return dataclasses.asdict(self)
 
     @classmethod
+    def tuning_grid(cls, num_examples: int) -> tuple[dict[str, Any], ...]:
+        """Hyperparameter candidates a benchmark may choose among on held-out data; the defaults come
+        first. Kept to a few entries: every candidate costs one fit per ε."""
+        return ({},)
+
+    @classmethod
     def from_strings(cls, overrides: dict[str, str]) -> "Method":
         """Builds the method from ``--set key=value`` strings, parsed by each field's declared type."""
         fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -44,10 +44,11 @@ class DPFC(Method):
     grad_clip: float | None = None
     cov_noise_ratio: float | None = None
     lam: float | None = None
+    lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("steps", "lr", "batch_size", "grad_clip", "cov_noise_ratio", "lam"):
+        for name in ("steps", "lr", "batch_size", "grad_clip", "cov_noise_ratio", "lam", "lam_scale"):
             positive(name, getattr(self, name))
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")

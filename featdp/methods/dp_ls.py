@@ -31,12 +31,14 @@ class DPLeastSquares(Method):
     name = "dp-ls"
     gram_share: float = 0.5
     lam: float | None = None
+    lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.gram_share < 1:
             raise ValueError(f"gram_share must lie in (0, 1), got {self.gram_share}")
         positive("lam", self.lam)
+        positive("lam_scale", self.lam_scale)
 
     def noise_multipliers(self, noise_scale: float) -> tuple[float, float]:
         return noise_scale / math.sqrt(self.gram_share), noise_scale / math.sqrt(1 - self.gram_share)
@@ -45,12 +47,17 @@ class DPLeastSquares(Method):
         sigma_a, sigma_b = self.noise_multipliers(noise_scale)
         return events.ComposedDpEvent([events.GaussianDpEvent(sigma_a), events.GaussianDpEvent(sigma_b)])
 
+    @classmethod
+    def tuning_grid(cls, num_examples):
+        # λ trades noise against bias; the default sits at the noise eigenvalue scale.
+        return ({}, {"lam_scale": 0.1}, {"lam_scale": 0.3}, {"lam_scale": 3.0})
+
     def ridge(self, noise_scale: float, dim: int, num_examples: int) -> float:
         if self.lam is not None:
             return self.lam
         sigma_a, _ = self.noise_multipliers(noise_scale)
         c2 = self.clip_norm**2
-        return linalg.noise_spectral_scale(dim, sigma_a * c2) + 1e-4 * num_examples * c2 / dim
+        return self.lam_scale * (linalg.noise_spectral_scale(dim, sigma_a * c2) + 1e-4 * num_examples * c2 / dim)
 
     def fit(self, data, noise_scale, releaser):
         sigma_a, sigma_b = self.noise_multipliers(noise_scale)

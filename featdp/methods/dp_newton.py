@@ -35,13 +35,19 @@ class DPNewton(Method):
     lr: float = 1.0
     hessian_share: float = 0.5
     lam: float | None = None
+    lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("steps", "lr", "lam"):
+        for name in ("steps", "lr", "lam", "lam_scale"):
             positive(name, getattr(self, name))
         if not 0 < self.hessian_share < 1:
             raise ValueError(f"hessian_share must lie in (0, 1), got {self.hessian_share}")
+
+    @classmethod
+    def tuning_grid(cls, num_examples):
+        # Every candidate costs K eigendecompositions, so only λ, the knob that matters most at W₀ = 0.
+        return ({}, {"lam_scale": 0.1}, {"lam_scale": 0.3})
 
     def noise_multipliers(self, noise_scale: float) -> tuple[float, float]:
         """(σ_G, σ_H) per step."""
@@ -61,7 +67,9 @@ class DPNewton(Method):
         hessian_sensitivity = math.sqrt(k) * c**2 / 4
         lam = self.lam
         if lam is None:
-            lam = linalg.noise_spectral_scale(d, sigma_h * hessian_sensitivity) + 1e-4 * data.num_examples * c**2 / (4 * d)
+            lam = self.lam_scale * (
+                linalg.noise_spectral_scale(d, sigma_h * hessian_sensitivity) + 1e-4 * data.num_examples * c**2 / (4 * d)
+            )
         weights = np.zeros((d, k))
         for step in range(self.steps):
             gradient, hessians = self._gradient_and_hessians(data, weights)
@@ -84,10 +92,9 @@ class DPNewton(Method):
         d, k = weights.shape
         gradient = np.zeros((d, k))
         if not weights.any():
-            gram = np.zeros((d, d))
-            for x, y in data.blocks():
-                gram += x.T @ x
-                gradient += x.T.sum(axis=1, keepdims=True) * 0.5 - stats.class_sums(x, y, k)
+            # s = 1/2 everywhere: G = Σ x (1/2 − e_y)ᵀ = ½·(B·1)·1ᵀ − B, since B's rows sum to Σ x.
+            gram, cross = stats.second_moments(data)
+            gradient = 0.5 * cross.sum(axis=1, keepdims=True) - cross
             return gradient, (gram / 4 for _ in range(k))
         hessians = np.zeros((k, d, d))
         for x, y in data.blocks():

@@ -1,0 +1,196 @@
+"""The bench grid: every registered method × ε × seed on one feature file, plus non-private and peer rows.
+
+Row kinds, kept apart in every table:
+* ``default``      the method's data-independent defaults: the whole pipeline is private.
+* ``tuned``        hyperparameters chosen per ε among the method's `tuning_grid` by accuracy on a held-out
+                   part of the train split (`featdp.bench.tuning`). The privacy cost of that choice is NOT
+                   counted, as in the papers; the tables say so.
+* ``non-private``  ridge and logistic regression on the same features: the price of privacy.
+* ``peer``         other libraries on the same preprocessed features (`featdp.bench.peers`).
+
+Exact pre-noise statistics (the Gram matrix) are computed once per data and preprocessing and reused by
+later fits (`FrozenArraySource`); every fit still calibrates and draws its own noise. Fit times are
+therefore the method's cost given those statistics; the one-time pass is reported separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Callable, Iterable
+
+import numpy as np
+
+from featdp import stats
+from featdp.bench import tuning
+from featdp.data import FrozenArraySource, Preprocessing, TrainingData
+from featdp.methods import get_method, registry
+from featdp.training import DeltaWarning, fit
+
+
+class BenchError(ValueError):
+    """Bad bench arguments: ε ≤ 0, no seeds, an unknown method or peer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    epsilons: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 8.0)
+    delta: float = 1e-5
+    seeds: int = 5
+    methods: tuple[str, ...] | None = None  # None: every registered method
+    tune: bool = True
+    holdout_fraction: float = 0.1
+    peers: tuple[str, ...] = ()
+    accountant: str = "pld"
+
+    def __post_init__(self):
+        if not self.epsilons or any(not e > 0 for e in self.epsilons):
+            raise BenchError(f"every ε must be > 0, got {list(self.epsilons)}")
+        if not 0 < self.delta < 1:
+            raise BenchError(f"δ must lie in (0, 1), got {self.delta}")
+        if self.seeds < 1:
+            raise BenchError(f"seeds must be ≥ 1, got {self.seeds}")
+        if not 0 < self.holdout_fraction < 1:
+            raise BenchError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        known = registry()
+        unknown = [m for m in (self.methods or ()) if m not in known]
+        if unknown:
+            raise BenchError(f"unknown method {unknown[0]!r}; registered: {', '.join(sorted(known))}")
+        if self.peers:
+            from featdp.bench.peers import PEERS
+
+            unknown = [p for p in self.peers if p not in PEERS]
+            if unknown:
+                raise BenchError(f"unknown peer {unknown[0]!r}; known: {', '.join(PEERS)}")
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One fit: what ran, on which budget, and how it did on the test split."""
+
+    kind: str  # default | tuned | non-private | peer
+    method: str
+    epsilon: float | None
+    delta: float | None
+    seed: int
+    accuracy: float
+    fit_seconds: float
+    hyperparameters: dict
+    noise_scale: float | None = None
+    validation_accuracy: float | None = None  # tuned rows: the held-out accuracy that chose them
+
+
+@dataclasses.dataclass
+class BenchResult:
+    config: BenchConfig
+    rows: list[BenchRow]
+    num_train: int
+    num_test: int
+    feature_dim: int
+    num_classes: int
+    statistics_seconds: float  # the one-time exact Gram pass shared by the second-moment methods
+    total_seconds: float
+    skipped: dict[str, str]  # peer -> why it did not run
+
+
+def load_splits(path, train_split: str = "train", test_split: str = "test") -> tuple[FrozenArraySource, FrozenArraySource]:
+    """Both splits of a feature file in memory (the bench fits them hundreds of times)."""
+    from featdp.featurefile import FeatureFile
+
+    with FeatureFile(path) as features:
+        sources = []
+        for name in (train_split, test_split):
+            split = features.split(name)
+            x, y = split.read()
+            sources.append(FrozenArraySource(x, y, split.num_classes))
+    return sources[0], sources[1]
+
+
+def run_bench(
+    train: FrozenArraySource,
+    test: FrozenArraySource,
+    config: BenchConfig,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> BenchResult:
+    started = time.perf_counter()
+    names = config.methods or tuple(sorted(registry()))
+    private = [n for n in names if registry()[n].private]
+    public = [n for n in names if not registry()[n].private]
+    rows: list[BenchRow] = []
+
+    def emit(row: BenchRow) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    statistics_seconds = _precompute_statistics(train)
+    with warnings.catch_warnings():
+        # The bench's δ is the user's choice, stated in every table; one warning per fit is noise.
+        warnings.simplefilter("ignore", DeltaWarning)
+        for name in public:
+            result = fit(train, name)
+            emit(BenchRow("non-private", name, None, None, 0, _accuracy(result, test), result.fit_seconds,
+                          result.method.hyperparameters()))
+        for name in private:
+            for epsilon in config.epsilons:
+                for seed in range(config.seeds):
+                    emit(_private_row("default", train, test, get_method(name), epsilon, config, seed))
+        if config.tune:
+            fit_part, holdout = tuning.split_holdout(train, config.holdout_fraction)
+            for name in private:
+                for epsilon in config.epsilons:
+                    choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant)
+                    for seed in range(config.seeds):
+                        row = _private_row("tuned", train, test, choice.method, epsilon, config, seed)
+                        row.validation_accuracy = choice.validation_accuracy
+                        emit(row)
+        skipped = _run_peers(train, test, config, emit)
+    return BenchResult(config, rows, train.num_examples, test.num_examples, train.feature_dim,
+                       train.num_classes, statistics_seconds, time.perf_counter() - started, skipped)
+
+
+def _precompute_statistics(train: FrozenArraySource) -> float:
+    start = time.perf_counter()
+    stats.second_moments(TrainingData(train, Preprocessing()))
+    return time.perf_counter() - start
+
+
+def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: int) -> BenchRow:
+    result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant)
+    return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
+                    _changed_hyperparameters(method), result.calibration.noise_scale)
+
+
+def _changed_hyperparameters(method) -> dict:
+    """Only what differs from the method's defaults: tables stay readable."""
+    defaults = type(method)().hyperparameters()
+    return {k: v for k, v in method.hyperparameters().items() if defaults.get(k) != v}
+
+
+def _accuracy(result, test: FrozenArraySource) -> float:
+    return float(np.mean(result.predict(test.features) == test.labels))
+
+
+def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
+    if not config.peers:
+        return {}
+    from featdp.bench import peers
+
+    # Peers get exactly the rows featdp's default methods train on: unit norm ≤ 1.
+    preprocess = Preprocessing()
+    train_x, test_x = preprocess(train.features), preprocess(test.features)
+    skipped = {}
+    for name in config.peers:
+        reason = peers.peer_available(name)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        budgets: Iterable = config.epsilons if peers.is_private(name) else (None,)
+        for epsilon in budgets:
+            for seed in range(config.seeds if epsilon is not None else 1):
+                result = peers.run_peer(name, train_x, train.labels, test_x, test.labels, train.num_classes,
+                                        epsilon, config.delta if epsilon is not None else None, seed)
+                emit(BenchRow("peer", name, result.epsilon, result.delta, seed, result.accuracy, result.seconds,
+                              dict(result.settings)))
+    return skipped

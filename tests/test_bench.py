@@ -1,0 +1,159 @@
+"""`featdp bench`: the grid of rows, tuning on held-out rows only, the report files, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_blobs
+from featdp.bench import report, tuning
+from featdp.bench.runner import BenchConfig, BenchError, run_bench
+from featdp.data import FrozenArraySource, Preprocessing, TrainingData
+from featdp.featurefile import write_features
+from featdp.methods import registry
+from featdp_cli.main import app
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def splits():
+    x, y = make_blobs(n=700, d=10, k=K, seed=3)
+    return FrozenArraySource(x[:500], y[:500], K), FrozenArraySource(x[500:], y[500:], K)
+
+
+@pytest.fixture(scope="module")
+def bench_result(splits):
+    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls", "dp-sgd", "ridge"))
+    return run_bench(*splits, config)
+
+
+def test_every_method_epsilon_and_seed_gets_one_row_per_kind(bench_result):
+    rows = bench_result.rows
+    for kind in ("default", "tuned"):
+        for method in ("dp-ls", "dp-sgd"):
+            got = sorted((r.epsilon, r.seed) for r in rows if r.kind == kind and r.method == method)
+            assert got == [(1.0, 0), (1.0, 1), (8.0, 0), (8.0, 1)]
+    non_private = [r for r in rows if r.kind == "non-private"]
+    assert [r.method for r in non_private] == ["ridge"] and non_private[0].epsilon is None
+    assert all(0 <= r.accuracy <= 1 and r.fit_seconds >= 0 for r in rows)
+    # Separable blobs: the non-private head and the private ones at ε = 8 are far above chance.
+    assert non_private[0].accuracy > 0.9
+    assert all(r.accuracy > 0.6 for r in rows if r.epsilon == 8.0)
+
+
+def test_seeds_make_rows_reproducible_and_distinct(splits, bench_result):
+    again = run_bench(*splits, BenchConfig(epsilons=(1.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False))
+    first = {(r.seed): r.accuracy for r in bench_result.rows
+             if r.kind == "default" and r.method == "dp-ls" and r.epsilon == 1.0}
+    assert {r.seed: r.accuracy for r in again.rows} == first
+    noise = [r.noise_scale for r in again.rows]
+    assert noise[0] == noise[1] > 0
+
+
+def test_tuned_rows_record_the_held_out_choice(bench_result):
+    tuned = [r for r in bench_result.rows if r.kind == "tuned"]
+    assert all(r.validation_accuracy is not None for r in tuned)
+    grid = [dict(c) for c in registry()["dp-ls"].tuning_grid(450)]
+    for row in tuned:
+        if row.method == "dp-ls":
+            assert row.hyperparameters in grid
+
+
+def test_holdout_split_is_disjoint_covering_and_fixed(splits):
+    train, _ = splits
+    fit_part, held = tuning.split_holdout(train, 0.2)
+    assert held.num_examples == 100 and fit_part.num_examples == 400
+    rows = {tuple(r) for r in np.vstack([fit_part.features, held.features]).round(6)}
+    assert rows == {tuple(r) for r in train.features.round(6)}
+    again, _ = tuning.split_holdout(train, 0.2)
+    np.testing.assert_array_equal(again.features, fit_part.features)
+
+
+def test_choose_picks_the_best_held_out_candidate(splits):
+    fit_part, held = tuning.split_holdout(splits[0], 0.2)
+    choice = tuning.choose("dp-ls", fit_part, held, 2.0, 1e-4)
+    scores = [accuracy for _, accuracy in choice.candidates]
+    assert choice.validation_accuracy == max(scores)
+    assert len(choice.candidates) == len(registry()["dp-ls"].tuning_grid(fit_part.num_examples))
+
+
+def test_the_gram_pass_is_computed_once_and_read_only(splits):
+    from featdp import stats
+
+    train, _ = splits
+    data = TrainingData(train, Preprocessing())
+    first = stats.second_moments(data)
+    assert stats.second_moments(data)[0] is first[0]
+    with pytest.raises(ValueError):
+        first[0][0, 0] = 1.0
+    with pytest.raises(ValueError):
+        train.features[0, 0] = 1.0
+
+
+def test_report_files(bench_result, tmp_path):
+    paths = report.write_all(bench_result, tmp_path, "blobs", "blobs", "featdp bench blobs.h5")
+    assert sorted(p.name for p in paths) == ["blobs.csv", "blobs.json", "blobs.md", "blobs.png"]
+    text = (tmp_path / "blobs.md").read_text()
+    assert "featdp bench blobs.h5" in text and "**not** counted" in text
+    for kind, method in (("default", "dp-ls"), ("tuned", "dp-sgd"), ("non-private", "ridge")):
+        assert f"| {kind} | {method} |" in text
+    records = list(csv.DictReader(io.StringIO((tmp_path / "blobs.csv").read_text())))
+    assert len(records) == len(bench_result.rows)
+    assert json.loads((tmp_path / "blobs.json").read_text())["num_train"] == 500
+    assert (tmp_path / "blobs.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_summary_is_median_and_std_over_seeds(bench_result):
+    table = report.summarize(bench_result.rows)
+    cell = table[("default", "dp-ls")][1.0]
+    values = [r.accuracy for r in bench_result.rows if r.kind == "default" and r.method == "dp-ls" and r.epsilon == 1.0]
+    assert cell.count == 2 and cell.median == pytest.approx(np.median(values))
+    assert cell.std == pytest.approx(np.std(values, ddof=1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epsilons": (1.0, 0.0)}, "ε must be > 0"),
+    ({"seeds": 0}, "seeds must be ≥ 1"),
+    ({"methods": ("dp-nope",)}, "unknown method 'dp-nope'"),
+    ({"delta": 1.5}, "δ must lie in (0, 1)"),
+])
+def test_bad_configs_name_the_value(kwargs, message):
+    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        BenchConfig(**kwargs)
+
+
+def _feature_file(tmp_path):
+    x, y = make_blobs(n=300, d=6, k=K, seed=1)
+    return write_features(tmp_path / "f.h5", {"train": (x[:240], y[:240]), "test": (x[240:], y[240:])},
+                          num_classes=K)
+
+
+def test_cli_bench_writes_tables_and_plot(tmp_path):
+    path = _feature_file(tmp_path)
+    result = CliRunner().invoke(app, ["bench", str(path), "--eps", "1,4", "--seeds", "2", "--methods",
+                                      "dp-ls,dp-fc,ridge", "--no-tune", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f.csv", "f.json", "f.md", "f.png"]
+    assert "--no-tune" in (tmp_path / "out" / "f.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "1,-2"], "ε must be > 0"),
+    (["--eps", "one"], "--eps expects comma-separated numbers"),
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--peers", "nope"], "unknown peer 'nope'"),
+])
+def test_cli_bench_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    path = _feature_file(tmp_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", str(path), "--seeds", "1", "--no-tune", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
