@@ -151,6 +151,85 @@ def methods():
     console.print(table)
 
 
+AUDIT_MODES = ("canary", "one-run", "white-box")
+
+
+@app.command()
+def audit(
+    method: str = typer.Option(..., "--method", "-m", help="Method name; see `featdp methods`."),
+    eps: float = typer.Option(..., "--eps", help="The claimed epsilon."),
+    delta: float = typer.Option(1e-5, "--delta", help="The claimed delta."),
+    trials: int = typer.Option(2000, "--trials", help="Fits (canary, white-box) or canaries in one fit (one-run)."),
+    mode: str = typer.Option("canary", "--mode", help="canary, one-run or white-box."),
+    score: str = typer.Option("releases", "--score", help="releases (likelihood ratio) or head (logit margin)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the empirical lower bound."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the audit's noise and canaries."),
+    accountant: str = typer.Option("pld", "--accountant", help="Accountant that calibrates the claim."),
+    sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
+):
+    """Empirical privacy audit: a lower bound on ε from canaries; exit 1 if it exceeds the claim."""
+    from featdp.methods import get_method
+
+    overrides = _parse_sets(sets)
+    if mode not in AUDIT_MODES:
+        _fail(f"--mode must be one of {', '.join(AUDIT_MODES)}, got {mode!r}")
+    try:
+        method_obj = type(get_method(method)).from_strings(overrides)
+        if mode == "white-box":
+            _print_white_box(_run_white_box(method_obj, eps, delta, trials, seed, accountant))
+        else:
+            _print_audit(_run_canary_audit(method_obj, eps, delta, trials, mode, score, confidence, seed, accountant))
+    except _user_errors() as error:
+        _fail(str(error))
+
+
+def _run_canary_audit(method, eps, delta, trials, mode, score, confidence, seed, accountant):
+    from featdp.audit import canary_audit, one_run_audit
+
+    run = canary_audit if mode == "canary" else one_run_audit
+    count = {"trials": trials} if mode == "canary" else {"canaries": trials}
+    return run(method, eps, delta, seed=seed, confidence=confidence, score=score, accountant=accountant, **count)
+
+
+def _run_white_box(method, eps, delta, trials, seed, accountant):
+    from featdp.audit import white_box_audit
+
+    return white_box_audit(method, eps, delta, trials=trials, seed=seed, accountant=accountant)
+
+
+def _print_audit(result) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("method", result.method)
+    table.add_row("audit", f"{result.mode}, {result.trials} {'fits' if result.mode == 'canary' else 'canaries'}, "
+                           f"score: {result.score}")
+    table.add_row("claimed", f"epsilon {result.claimed_epsilon:g} at delta {result.delta:g}")
+    table.add_row("empirical lower bound", f"epsilon >= {result.empirical_epsilon:.3f} "
+                                           f"(confidence {result.confidence:g})")
+    if result.sensitivity_ratio is not None:
+        table.add_row("canary / declared sensitivity", f"{result.sensitivity_ratio:.4f} (must be <= 1)")
+    if result.post_processing is not None:
+        table.add_row("head from releases alone", "yes" if result.post_processing else "[red]no[/]")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    verdict = "[green]consistent with the claim (a lower bound is no proof)[/]" if result.passed else (
+        "[bold red]VIOLATION: the claim is false[/]")
+    table.add_row("verdict", verdict)
+    console.print(table)
+    if not result.passed:
+        raise typer.Exit(code=1)
+
+
+def _print_white_box(result) -> None:
+    table = Table("check", "release", "p-value", "detail", "ok",
+                  title=f"white-box audit of {result.method} at epsilon {result.claimed_epsilon:g}, "
+                        f"delta {result.delta:g}: {result.trials} fits, {result.seconds:.1f} s")
+    for check in result.checks:
+        table.add_row(check.kind, check.release, f"{check.p_value:.3g}", check.detail,
+                      "yes" if check.passed else "[bold red]NO[/]")
+    console.print(table)
+    if not result.passed:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def demo(
     out: pathlib.Path = typer.Option(pathlib.Path("runs/demo"), "--out"),
@@ -207,6 +286,8 @@ def bench(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated; default: every method."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report rows tuned on held-out train data."),
     peers: str = typer.Option("", "--peers", help="Comma-separated peers: opacus-dpsgd, diffprivlib-logreg, sklearn-logreg."),
+    peer_eps: Optional[str] = typer.Option(None, "--peer-eps", help="ε for the private peers; default: --eps."),
+    peer_seeds: Optional[int] = typer.Option(None, "--peer-seeds", help="Seeds for the peers; default: --seeds."),
     out: pathlib.Path = typer.Option(pathlib.Path("bench"), "--out", help="Directory for .md/.csv/.json/.png."),
     name: Optional[str] = typer.Option(None, "--name", help="File stem; default: the feature file's stem."),
     train_split: str = typer.Option("train", "--train-split"),
@@ -220,17 +301,19 @@ def bench(
     command = " ".join(
         [f"featdp bench {features} --eps {eps} --delta {delta:g} --seeds {seeds}"]
         + ([f"--methods {methods}"] if methods else []) + ([] if tune else ["--no-tune"])
-        + ([f"--peers {peers}"] if peers else []) + ([f"--accountant {accountant}"] if accountant != "pld" else [])
+        + ([f"--peers {peers}"] if peers else []) + ([f"--peer-eps {peer_eps}"] if peer_eps else [])
+        + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else []) + ([f"--accountant {accountant}"] if accountant != "pld" else [])
     )
     try:
         epsilons = tuple(float(e) for e in eps.split(","))
+        peer_epsilons = tuple(float(e) for e in peer_eps.split(",")) if peer_eps else None
     except ValueError:
-        _fail(f"--eps expects comma-separated numbers, got {eps!r}")
+        _fail(f"--eps and --peer-eps expect comma-separated numbers, got {eps!r} / {peer_eps!r}")
     try:
         config = BenchConfig(
             epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, accountant=accountant,
             methods=tuple(methods.split(",")) if methods else None,
-            peers=tuple(p for p in peers.split(",") if p),
+            peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons, peer_seeds=peer_seeds,
         )
         train, test = load_splits(features, train_split, test_split)
 

@@ -157,6 +157,22 @@ class TrainingData:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Preprocessed blocks; `select(block_index, rows)` (a boolean mask) keeps only some rows,
         applied before preprocessing so that sampled-out rows cost no work."""
+        memo = getattr(self.source, "memo", None)
+        if memo is not None:
+            # Frozen rows: preprocess once; multi-step methods then only gather their sampled rows.
+            key = ("preprocessed", self.preprocessing)
+            if key not in memo:
+                memo[key] = self.preprocessing(self.source.features)
+                memo[key].flags.writeable = False
+            features = memo[key]
+            for index, start in enumerate(range(0, self.num_examples, self.block_rows)):
+                x = features[start : start + self.block_rows]
+                y = self.source.labels[start : start + self.block_rows]
+                if select is not None:
+                    keep = select(index, len(y))
+                    x, y = x[keep], y[keep]
+                yield x, y
+            return
         for index, (x, y) in enumerate(self.source.blocks(self.block_rows)):
             if select is not None:
                 keep = select(index, len(y))

@@ -63,7 +63,8 @@ def clipped_softmax_gradient_sum(
     """
     residual = softmax(x @ weights.astype(np.float32))
     residual[np.arange(len(y)), y] -= 1
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1)
+    # einsum row norms: np.linalg.norm(x, axis=1) materializes x² (a copy of the block) first.
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", residual, residual))
     residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-30))[:, None]
     return np.asarray(x.T @ residual, dtype=np.float64)
 

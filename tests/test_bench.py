@@ -146,7 +146,7 @@ def test_cli_bench_writes_tables_and_plot(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--eps", "1,-2"], "ε must be > 0"),
-    (["--eps", "one"], "--eps expects comma-separated numbers"),
+    (["--eps", "one"], "--eps and --peer-eps expect comma-separated numbers"),
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--peers", "nope"], "unknown peer 'nope'"),
 ])

@@ -42,15 +42,18 @@ class BenchConfig:
     tune: bool = True
     holdout_fraction: float = 0.1
     peers: tuple[str, ...] = ()
+    peer_epsilons: tuple[float, ...] | None = None  # None: the same ε as the methods
+    peer_seeds: int | None = None  # None: the same number of seeds as the methods
     accountant: str = "pld"
 
     def __post_init__(self):
-        if not self.epsilons or any(not e > 0 for e in self.epsilons):
-            raise BenchError(f"every ε must be > 0, got {list(self.epsilons)}")
+        for epsilons in (self.epsilons, self.peer_epsilons or (1.0,)):
+            if not epsilons or any(not e > 0 for e in epsilons):
+                raise BenchError(f"every ε must be > 0, got {list(epsilons)}")
         if not 0 < self.delta < 1:
             raise BenchError(f"δ must lie in (0, 1), got {self.delta}")
-        if self.seeds < 1:
-            raise BenchError(f"seeds must be ≥ 1, got {self.seeds}")
+        if self.seeds < 1 or (self.peer_seeds is not None and self.peer_seeds < 1):
+            raise BenchError(f"seeds must be ≥ 1, got {self.seeds} (peers: {self.peer_seeds})")
         if not 0 < self.holdout_fraction < 1:
             raise BenchError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
         known = registry()
@@ -142,7 +145,7 @@ def run_bench(
                 for epsilon in config.epsilons:
                     choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant)
                     for seed in range(config.seeds):
-                        row = _private_row("tuned", train, test, choice.method, epsilon, config, seed)
+                        row = _tuned_row(choice, rows, train, test, epsilon, config, seed)
                         row.validation_accuracy = choice.validation_accuracy
                         emit(row)
         skipped = _run_peers(train, test, config, emit)
@@ -160,6 +163,15 @@ def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: 
     result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant)
     return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
                     _changed_hyperparameters(method), result.calibration.noise_scale)
+
+
+def _tuned_row(choice, rows, train, test, epsilon, config, seed) -> BenchRow:
+    """When tuning keeps the defaults, the seeded fit is the default row's fit: reuse it, do not redo it."""
+    if choice.method == type(choice.method)():
+        for row in rows:
+            if (row.kind, row.method, row.epsilon, row.seed) == ("default", choice.method.name, epsilon, seed):
+                return dataclasses.replace(row, kind="tuned")
+    return _private_row("tuned", train, test, choice.method, epsilon, config, seed)
 
 
 def _changed_hyperparameters(method) -> dict:
@@ -186,9 +198,9 @@ def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
         if reason is not None:
             skipped[name] = reason
             continue
-        budgets: Iterable = config.epsilons if peers.is_private(name) else (None,)
+        budgets: Iterable = (config.peer_epsilons or config.epsilons) if peers.is_private(name) else (None,)
         for epsilon in budgets:
-            for seed in range(config.seeds if epsilon is not None else 1):
+            for seed in range(config.peer_seeds or config.seeds if epsilon is not None else 1):
                 result = peers.run_peer(name, train_x, train.labels, test_x, test.labels, train.num_classes,
                                         epsilon, config.delta if epsilon is not None else None, seed)
                 emit(BenchRow("peer", name, result.epsilon, result.delta, seed, result.accuracy, result.seconds,

@@ -71,11 +71,16 @@ class DPFC(Method):
             [events.GaussianDpEvent(sigma_f), events.SelfComposedDpEvent(step, self.steps)]
         )
 
+    @classmethod
+    def tuning_grid(cls, num_examples):
+        # Step size, ridge and the number of full-batch steps: each candidate is one covariance solve.
+        return ({}, {"lr": 2.0}, {"lam_scale": 0.3}, {"steps": 30})
+
     def ridge(self, sigma_f: float, dim: int, num_examples: int) -> float:
         if self.lam is not None:
             return self.lam
         c2 = self.clip_norm**2
-        return linalg.noise_spectral_scale(dim, sigma_f * c2) + 1e-4 * num_examples * c2 / dim
+        return self.lam_scale * (linalg.noise_spectral_scale(dim, sigma_f * c2) + 1e-4 * num_examples * c2 / dim)
 
     def fit(self, data, noise_scale, releaser):
         sigma_f, sigma_g, q = self.noise_multipliers(noise_scale, data.num_examples)

@@ -47,7 +47,7 @@ class DPNewton(Method):
     @classmethod
     def tuning_grid(cls, num_examples):
         # Every candidate costs K eigendecompositions, so only λ, the knob that matters most at W₀ = 0.
-        return ({}, {"lam_scale": 0.1}, {"lam_scale": 0.3})
+        return ({}, {"lam_scale": 0.3})
 
     def noise_multipliers(self, noise_scale: float) -> tuple[float, float]:
         """(σ_G, σ_H) per step."""
