@@ -23,12 +23,13 @@ from featdp.bench.runner import BenchConfig, load_splits, run_bench
 from featdp.featurefile import write_features
 
 
-def gaussian_mixture(classes: int, dim: int, per_class: int, seed: int = 0, separation: float = 2.5):
-    """Means at distance ≈ separation·√2 apart in units of the per-example noise radius."""
+def gaussian_mixture(classes: int, dim: int, per_class: int, seed: int = 0, spread: float = 0.2):
+    """x = μ_y + z with z ~ N(0, I) and means μ_c ~ N(0, spread²·I): two means lie ≈ spread·√(2d) apart,
+    so at d = 512 and spread 0.2 the half-distance is ≈ 3.2 noise standard deviations."""
     rng = np.random.default_rng(seed)
-    means = rng.normal(size=(classes, dim)) * separation / np.sqrt(dim)
+    means = rng.normal(size=(classes, dim)) * spread
     labels = np.repeat(np.arange(classes), per_class)
-    features = means[labels] + rng.normal(size=(len(labels), dim)) / np.sqrt(dim)
+    features = means[labels] + rng.normal(size=(len(labels), dim))
     order = rng.permutation(len(labels))
     return features[order].astype(np.float32), labels[order]
 

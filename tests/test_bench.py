@@ -58,7 +58,7 @@ def test_seeds_make_rows_reproducible_and_distinct(splits, bench_result):
 
 def test_tuned_rows_record_the_held_out_choice(bench_result):
     tuned = [r for r in bench_result.rows if r.kind == "tuned"]
-    assert all(r.validation_accuracy is not None for r in tuned)
+    assert all(r.validation_accuracy is not None for r in tuned if r.method != "dp-newton")
     grid = [dict(c) for c in registry()["dp-ls"].tuning_grid(450)]
     for row in tuned:
         if row.method == "dp-ls":
@@ -157,3 +157,11 @@ def test_cli_bench_bad_input_exits_2_and_writes_nothing(tmp_path, args, message)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_a_single_candidate_grid_reuses_the_default_fits(splits):
+    result = run_bench(*splits, BenchConfig(epsilons=(2.0,), delta=1e-4, seeds=2, methods=("dp-newton",)))
+    default = [r for r in result.rows if r.kind == "default"]
+    tuned = [r for r in result.rows if r.kind == "tuned"]
+    assert [(r.seed, r.accuracy, r.fit_seconds) for r in tuned] == [(r.seed, r.accuracy, r.fit_seconds) for r in default]
+    assert all(r.validation_accuracy is None for r in tuned)

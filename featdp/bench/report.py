@@ -86,7 +86,8 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
     tuned = _tuned_choices(result.rows)
     if tuned:
         lines += ["", "Tuned choices (held-out accuracy %):", ""]
-        lines += [f"* {method} at ε = {eps:g}: {params or 'defaults'} ({100 * acc:.1f})"
+        lines += [f"* {method} at ε = {eps:g}: {params or 'defaults'} "
+                  + (f"({100 * acc:.1f})" if acc is not None else "(no other candidate)")
                   for (method, eps), (params, acc) in tuned.items()]
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ SPLIT_SEED = 0
 @dataclasses.dataclass(frozen=True)
 class Choice:
     method: Method
-    validation_accuracy: float
+    validation_accuracy: float | None  # None when the grid has a single candidate
     candidates: tuple[tuple[dict, float], ...]  # every candidate with its held-out accuracy
 
 
@@ -44,8 +44,11 @@ def choose(name: str, fit_part: FrozenArraySource, holdout: FrozenArraySource, e
            accountant: str = "pld") -> Choice:
     """The candidate of `name`'s tuning grid with the best held-out accuracy at (ε, δ); ties keep the
     earlier candidate, so the defaults win unless something beats them."""
+    grid = registry()[name].tuning_grid(fit_part.num_examples)
+    if len(grid) == 1:  # nothing to choose: no held-out fit
+        return Choice(get_method(name, **grid[0]), None, ((grid[0], None),))
     scored = []
-    for candidate in registry()[name].tuning_grid(fit_part.num_examples):
+    for candidate in grid:
         method = get_method(name, **candidate)
         result = fit(fit_part, method, epsilon=epsilon, delta=delta, seed=TUNING_SEED, accountant=accountant)
         accuracy = float(np.mean(result.predict(holdout.features) == holdout.labels))
