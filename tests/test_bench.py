@@ -165,3 +165,9 @@ def test_a_single_candidate_grid_reuses_the_default_fits(splits):
     tuned = [r for r in result.rows if r.kind == "tuned"]
     assert [(r.seed, r.accuracy, r.fit_seconds) for r in tuned] == [(r.seed, r.accuracy, r.fit_seconds) for r in default]
     assert all(r.validation_accuracy is None for r in tuned)
+
+
+def test_json_round_trip_renders_the_same_table(bench_result):
+    text = report.to_json(bench_result, "cmd")
+    again = report.from_json(text)
+    assert report.markdown(again, "t", "cmd") == report.markdown(bench_result, "t", "cmd")

@@ -10,7 +10,7 @@ import pathlib
 import statistics
 from collections import defaultdict
 
-from featdp.bench.runner import BenchResult, BenchRow
+from featdp.bench.runner import BenchConfig, BenchResult, BenchRow
 
 KIND_ORDER = ("default", "tuned", "peer", "non-private")
 
@@ -61,7 +61,7 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
         "|---|---|" + "---|" * len(epsilons) + "---|",
     ]
     for (kind, method), cells in table.items():
-        if kind == "non-private":
+        if None in cells:  # non-private (a method or a peer): one value, repeated in every column
             cell = cells[None]
             values = [cell.text()] * len(epsilons)
             seconds = cell.seconds
@@ -90,6 +90,20 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
                   + (f"({100 * acc:.1f})" if acc is not None else "(no other candidate)")
                   for (method, eps), (params, acc) in tuned.items()]
     return "\n".join(lines) + "\n"
+
+
+def from_json(text: str) -> BenchResult:
+    """A result back from `to_json` (to re-render tables and plots without refitting)."""
+    record = json.loads(text)
+    config = record["config"]
+    for key in ("epsilons", "methods", "peers", "peer_epsilons"):
+        if config.get(key) is not None:
+            config[key] = tuple(config[key])
+    return BenchResult(
+        BenchConfig(**config), [BenchRow(**row) for row in record["rows"]], record["num_train"],
+        record["num_test"], record["feature_dim"], record["num_classes"], record["statistics_seconds"],
+        record["total_seconds"], record["skipped"],
+    )
 
 
 def _tuned_choices(rows: list[BenchRow]) -> dict:
@@ -136,22 +150,40 @@ def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 5), dpi=120)
     styles = {"default": "-o", "tuned": "--s", "peer": ":^"}
-    for (kind, method), cells in summarize(result.rows).items():
-        if kind == "non-private":
-            axis.axhline(100 * cells[None].median, color="gray", lw=1, ls="-." if "log" in method else "--")
-            axis.annotate(f"{method} (non-private)", (min(result.config.epsilons), 100 * cells[None].median),
-                          fontsize=7, color="gray", va="bottom")
+    table = summarize(result.rows)
+    # The axis spans featdp's own rows; a peer far below them is named in the title instead of
+    # squashing every other curve into a band.
+    own = [c.median for (kind, _), cells in table.items() if kind != "peer" for c in cells.values()]
+    bottom = max(0.0, 100 * min(own) - 3) if own else 0.0
+    below = []
+    levels = 0
+    for (kind, method), cells in table.items():
+        if None in cells:
+            level = 100 * cells[None].median
+            axis.axhline(level, color="gray", lw=1, ls="-." if "log" in method else "--")
+            axis.annotate(f"{method} (non-private) {level:.1f}", (1.0, level), xycoords=("axes fraction", "data"),
+                          xytext=(-4, 2 + 9 * levels), textcoords="offset points", ha="right", fontsize=7,
+                          color="gray")
+            levels += 1
             continue
         epsilons = sorted(e for e in cells if e is not None)
-        axis.errorbar(epsilons, [100 * cells[e].median for e in epsilons],
-                      yerr=[100 * cells[e].std for e in epsilons], fmt=styles[kind], ms=4, capsize=2,
-                      label=f"{method} ({kind})")
+        medians = [100 * cells[e].median for e in epsilons]
+        if max(medians) < bottom:
+            below.append(f"{method} ≤ {max(medians):.0f}%")
+            continue
+        axis.errorbar(epsilons, medians, yerr=[100 * cells[e].std for e in epsilons], fmt=styles[kind], ms=4,
+                      capsize=2, label=f"{method} ({kind})")
+    axis.set_ylim(bottom=bottom)
+    if below:
+        title = f"{title}\n(below the axis: {', '.join(below)})"
     axis.set_xscale("log")
+    axis.set_xticks(list(result.config.epsilons), [f"{e:g}" for e in result.config.epsilons])
+    axis.minorticks_off()
     axis.set_xlabel(f"ε (δ = {result.config.delta:g})")
     axis.set_ylabel("test top-1 (%)")
     axis.set_title(title, fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7, ncol=2, loc="lower right")
+    axis.legend(fontsize=7, ncol=2, loc="best")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
