@@ -171,3 +171,13 @@ def test_json_round_trip_renders_the_same_table(bench_result):
     text = report.to_json(bench_result, "cmd")
     again = report.from_json(text)
     assert report.markdown(again, "t", "cmd") == report.markdown(bench_result, "t", "cmd")
+
+
+def test_tuned_candidates_are_rebuilt_for_the_full_train_split(splits):
+    fit_part, held = tuning.split_holdout(splits[0], 0.2)
+    choice = tuning.choose("dp-sgd", fit_part, held, 8.0, 1e-4)
+    full = tuning.for_examples("dp-sgd", choice, splits[0].num_examples)
+    expected = registry()["dp-sgd"].tuning_grid(splits[0].num_examples)[choice.index]
+    assert full.hyperparameters() == registry()["dp-sgd"].create(**expected).hyperparameters()
+    recipe = registry()["dp-sgd"].tuning_grid(60000)[1]
+    assert recipe["batch_size"] == 8192  # the paper's q = 8192/60000 on the full split

@@ -144,6 +144,7 @@ def run_bench(
             for name in private:
                 for epsilon in config.epsilons:
                     choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant)
+                    choice = dataclasses.replace(choice, method=tuning.for_examples(name, choice, train.num_examples))
                     for seed in range(config.seeds):
                         row = _tuned_row(choice, rows, train, test, epsilon, config, seed)
                         row.validation_accuracy = choice.validation_accuracy

@@ -25,6 +25,7 @@ SPLIT_SEED = 0
 @dataclasses.dataclass(frozen=True)
 class Choice:
     method: Method
+    index: int  # position in the tuning grid, to rebuild the candidate for another n
     validation_accuracy: float | None  # None when the grid has a single candidate
     candidates: tuple[tuple[dict, float], ...]  # every candidate with its held-out accuracy
 
@@ -46,7 +47,7 @@ def choose(name: str, fit_part: FrozenArraySource, holdout: FrozenArraySource, e
     earlier candidate, so the defaults win unless something beats them."""
     grid = registry()[name].tuning_grid(fit_part.num_examples)
     if len(grid) == 1:  # nothing to choose: no held-out fit
-        return Choice(get_method(name, **grid[0]), None, ((grid[0], None),))
+        return Choice(get_method(name, **grid[0]), 0, None, ((grid[0], None),))
     scored = []
     for candidate in grid:
         method = get_method(name, **candidate)
@@ -54,4 +55,10 @@ def choose(name: str, fit_part: FrozenArraySource, holdout: FrozenArraySource, e
         accuracy = float(np.mean(result.predict(holdout.features) == holdout.labels))
         scored.append((method, candidate, accuracy))
     best = max(range(len(scored)), key=lambda i: (scored[i][2], -i))
-    return Choice(scored[best][0], scored[best][2], tuple((c, a) for _, c, a in scored))
+    return Choice(scored[best][0], best, scored[best][2], tuple((c, a) for _, c, a in scored))
+
+
+def for_examples(name: str, choice: Choice, num_examples: int) -> Method:
+    """The chosen candidate rebuilt for `num_examples` rows: grids may scale with n (e.g. a batch size
+    that keeps the sampling rate), and the final fit uses all of the train split, not the fit part."""
+    return get_method(name, **registry()[name].tuning_grid(num_examples)[choice.index])
