@@ -10,10 +10,12 @@ Tests substitute a recording releaser to read the clean statistics (sensitivity 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 from typing import Any, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -54,9 +56,14 @@ def upper_triangle_norm(matrix: np.ndarray) -> float:
 
 def symmetric_gaussian(key: jax.Array, dim: int, std: float, batch: tuple[int, ...] = ()) -> np.ndarray:
     """Noise for symmetric d×d statistics: i.i.d. N(0, std²) on the upper triangle, mirrored below."""
-    draw = np.asarray(jax.random.normal(key, batch + (dim, dim), dtype=np.float32), dtype=np.float64)
-    upper = np.triu(draw)
-    return (upper + np.swapaxes(np.triu(draw, 1), -1, -2)) * std
+    return np.asarray(_symmetric_standard_normal(key, batch + (dim, dim)), dtype=np.float64) * std
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _symmetric_standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # Compiled: building the mirror in numpy took as long again as the draw (0.8 s vs 0.45 s at d = 3969).
+    draw = jax.random.normal(key, shape, dtype=jnp.float32)
+    return jnp.triu(draw) + jnp.swapaxes(jnp.triu(draw, 1), -1, -2)
 
 
 class Releaser:

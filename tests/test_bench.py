@@ -181,3 +181,24 @@ def test_tuned_candidates_are_rebuilt_for_the_full_train_split(splits):
     assert full.hyperparameters() == registry()["dp-sgd"].create(**expected).hyperparameters()
     recipe = registry()["dp-sgd"].tuning_grid(60000)[1]
     assert recipe["batch_size"] == 8192  # the paper's q = 8192/60000 on the full split
+
+
+def test_reused_decompositions_change_no_result(splits, bench_result, monkeypatch):
+    """The bench decomposes each distinct released matrix once; every row equals a fit without the cache."""
+    import contextlib
+
+    from featdp import linalg
+
+    calls = []
+    real = linalg._eigh
+    monkeypatch.setattr(linalg, "_eigh", lambda m: calls.append(1) or real(m))
+    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls",))
+    cached = run_bench(*splits, config)
+    with_cache = len(calls)
+    monkeypatch.setattr(linalg, "reusing_decompositions", lambda: contextlib.nullcontext())
+    calls.clear()
+    uncached = run_bench(*splits, config)
+    assert [(r.kind, r.epsilon, r.seed, r.accuracy) for r in cached.rows] == \
+        [(r.kind, r.epsilon, r.seed, r.accuracy) for r in uncached.rows]
+    # Per ε: 2 default fits + one shared release for all λ candidates; tuned fits reuse the defaults'.
+    assert with_cache == 2 * (2 + 1) < len(calls)

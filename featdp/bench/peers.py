@@ -170,11 +170,35 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _batched_tensor_dataset(*tensors):
+    """A TensorDataset that hands the loader a whole batch per index list (PyTorch's `__getitems__`).
+
+    The default fetch builds a batch item by item and stacks it: for 7,500 rows of 3,969 features that was
+    1.8 s of every 40-epoch run's ~4 s per epoch here; one gather per tensor takes 0.7 s. Opacus' Poisson
+    sampler still chooses the indices; only how the chosen rows are copied changes.
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    class BatchedTensorDataset(TensorDataset):
+        def __getitems__(self, indices):
+            index = torch.as_tensor(indices, dtype=torch.long)
+            return [tensor[index] for tensor in self.tensors]
+
+    return BatchedTensorDataset(*tensors)
+
+
+def _already_collated(batch):
+    # `__getitems__` returns [features, labels] already stacked (also for an empty Poisson batch: shapes
+    # (0, d) and (0,)), so collation has nothing left to do.
+    return batch
+
+
 def _run_opacus(s: OpacusSettings, train_x, train_y, test_x, test_y, num_classes, epsilon, delta, seed):
     import opacus
     import torch
     from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     init_seed, sampler_seed, noise_seed = _derived_seeds(seed, 3)
     # fork_rng: the seeded initialisation leaves the caller's global torch RNG as it was.
@@ -191,8 +215,9 @@ def _run_opacus(s: OpacusSettings, train_x, train_y, test_x, test_y, num_classes
         optimizer = torch.optim.SGD(linear.parameters(), lr=s.lr, momentum=s.momentum)
         # Opacus' DPDataLoader takes its Poisson sampler's generator from the loader it replaces.
         loader = DataLoader(
-            TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+            _batched_tensor_dataset(torch.from_numpy(train_x), torch.from_numpy(train_y)),
             batch_size=s.batch_size,
+            collate_fn=_already_collated,
             generator=torch.Generator().manual_seed(sampler_seed),
         )
         engine = PrivacyEngine(accountant=s.accountant, secure_mode=False)

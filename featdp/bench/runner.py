@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from featdp import stats
+from featdp import linalg, stats
 from featdp.bench import tuning
 from featdp.data import FrozenArraySource, Preprocessing, TrainingData
 from featdp.methods import get_method, registry
@@ -135,14 +135,18 @@ def run_bench(
             result = fit(train, name)
             emit(BenchRow("non-private", name, None, None, 0, _accuracy(result, test), result.fit_seconds,
                           result.method.hyperparameters()))
-        for name in private:
-            for epsilon in config.epsilons:
-                for seed in range(config.seeds):
-                    emit(_private_row("default", train, test, get_method(name), epsilon, config, seed))
         if config.tune:
             fit_part, holdout = tuning.split_holdout(train, config.holdout_fraction)
+        # One (method, ε) at a time, defaults then tuning then tuned: candidates that differ only in λ or
+        # in later steps, and tuned fits with the default fits' seeds, release bit-identical noisy Gram
+        # matrices, whose decompositions are then still in the cache.
+        with linalg.reusing_decompositions():
             for name in private:
                 for epsilon in config.epsilons:
+                    for seed in range(config.seeds):
+                        emit(_private_row("default", train, test, get_method(name), epsilon, config, seed))
+                    if not config.tune:
+                        continue
                     choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant)
                     choice = dataclasses.replace(choice, method=tuning.for_examples(name, choice, train.num_examples))
                     for seed in range(config.seeds):

@@ -58,10 +58,14 @@ class DPSGD(Method):
 
     @classmethod
     def tuning_grid(cls, num_examples):
-        # The paper's one step, and the Tramèr–Boneh multi-epoch recipe at their sampling rate.
+        # The paper's one step, the Tramèr–Boneh multi-epoch recipe at their sampling rate, and the same
+        # recipe cut to 10 epochs: fewer steps need less noise per step, which wins at small ε (held-out
+        # Fashion-MNIST ScatterNet at ε = 1, two seeds: 88.9 / 88.4% for 10 epochs vs 87.4 / 87.2% for 40;
+        # 20 epochs, lr 8 or a doubled batch all landed at 88.4–89.0).
         batch = max(1, round(num_examples * 8192 / 60000))
-        return ({}, {"clip_norm": 63.0, "steps": 293, "batch_size": batch, "grad_clip": 0.1, "lr": 16.0,
-                     "momentum": 0.9})
+        recipe = {"clip_norm": 63.0, "steps": 293, "batch_size": batch, "grad_clip": 0.1, "lr": 16.0,
+                  "momentum": 0.9}
+        return ({}, recipe, recipe | {"steps": 73})
 
     def step_noise(self, noise_scale: float, num_examples: int) -> tuple[float, float]:
         """(σ per step, q)."""
