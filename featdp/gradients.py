@@ -37,8 +37,8 @@ def private_mean_gradient(
             return releaser.poisson_mask(step, block, rows, sampling_probability)
 
     total = np.zeros_like(weights, dtype=np.float64)
-    for x, y in data.blocks(select):
-        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip)
+    for x, y, row_norms in data.blocks_with_norms(select):
+        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip, row_norms)
     noisy = releaser.release(
         "gradient_sum", total, sensitivity=grad_clip, noise_multiplier=noise_multiplier,
         sampling_probability=sampling_probability, step=step,

@@ -54,17 +54,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def clipped_softmax_gradient_sum(
-    x: np.ndarray, y: np.ndarray, weights: np.ndarray, clip: float
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray, clip: float, row_norms: np.ndarray | None = None
 ) -> np.ndarray:
-    """Σ_i clip_C(x_i (p_i − e_{y_i})ᵀ) over the block's rows.
+    """Σ_i clip_C(x_i (p_i − e_{y_i})ᵀ) over the block's rows; `row_norms` = ‖x_i‖ if known.
 
     The per-example gradient is an outer product, so its Frobenius norm is ‖x_i‖·‖p_i − e_{y_i}‖ and
     clipping is a per-row scale on the residual: no d×K per-example gradient is ever materialized.
     """
     residual = softmax(x @ weights.astype(np.float32))
     residual[np.arange(len(y)), y] -= 1
-    # einsum row norms: np.linalg.norm(x, axis=1) materializes x² (a copy of the block) first.
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", residual, residual))
+    if row_norms is None:
+        row_norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # einsum: no x² copy of the block
+    norms = row_norms * np.sqrt(np.einsum("ij,ij->i", residual, residual))
     residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-30))[:, None]
     return np.asarray(x.T @ residual, dtype=np.float64)
 
