@@ -24,16 +24,15 @@ evaluation.
 
 Measured at the defaults on Fashion-MNIST ScatterNet features (`featdp extract --backbone scatternet
 --dataset fashion_mnist`, d = 3969, rows unit-normalized; 60k train / 10k test; seed 0, δ = 1e-5), on
-this project's 2-core CPU while other jobs shared it (load average 2.5-8), so the times are upper
-bounds that varied by up to 1.4× between runs:
+this project's 2-core CPU, alone, inside `featdp bench` (benchmarks/results/fmnist_scatternet.md):
 
     peer                 ε = 1     ε = 3     fit seconds at ε = 1 / 3
-    opacus-dpsgd         87.2%     89.3%     209 / 229   (+2-4 s noise calibration, ~10 s torch import)
-    diffprivlib-logreg   25.2%     36.3%     72 / 83     (+~8 s array transfer; first use: +20-60 s venv)
-    sklearn-logreg       89.6%, non-private      259-364     (123 L-BFGS iterations to converge)
+    opacus-dpsgd         87.2%     89.3%     56 / 57     (+1-4 s noise calibration, ~10 s torch import)
+    diffprivlib-logreg   25.2%     36.3%     40 / 44     (+~8 s array transfer; first use: +20-60 s venv)
+    sklearn-logreg       89.6%, non-private      48
 
-One ε for all three peers thus takes ~9-11 minutes here, most of it the non-private reference and the
-40 epochs of DP-SGD (see `OpacusSettings` for a 20-epoch setting at half the time).
+All three at two ε take about 5 minutes. (Opacus took 209 / 229 s under load before its loader
+gathered whole batches; the accuracies did not change.)
 
 Adding a peer touches only this file: one `_Peer` entry in `_PEERS`.
 """
