@@ -207,6 +207,8 @@ def _run_opacus(s: OpacusSettings, train_x, train_y, test_x, test_y, num_classes
         # the PRV accountant bounds its domain with RDP and warns about RDP's order range.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        # The bench's feature arrays are read-only by design; the loader only reads (gathers) them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if s.accountant != "rdp":
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         torch.manual_seed(init_seed)  # the default initialisation of nn.Linear
