@@ -181,7 +181,7 @@ class TrainingData:
             if with_norms:
                 norms_key = ("row_norms", self.preprocessing)
                 if norms_key not in memo:
-                    memo[norms_key] = _row_norms(features)
+                    memo[norms_key] = row_norms(features)
                     memo[norms_key].flags.writeable = False
                 norms = memo[norms_key]
             for index, start in enumerate(range(0, self.num_examples, self.block_rows)):
@@ -199,10 +199,11 @@ class TrainingData:
                 keep = select(index, len(y))
                 x, y = x[keep], y[keep]
             x = self.preprocessing(x)
-            yield x, y, (_row_norms(x) if with_norms else None)
+            yield x, y, (row_norms(x) if with_norms else None)
 
 
-def _row_norms(x: np.ndarray) -> np.ndarray:
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """‖x_i‖ per row."""
     # einsum: np.linalg.norm(x, axis=1) materializes x² (a copy of the block) first.
     return np.sqrt(np.einsum("ij,ij->i", x, x))
 

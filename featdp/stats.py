@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from featdp.data import TrainingData
+from featdp.data import TrainingData, row_norms as compute_row_norms
 
 
 def class_sums(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -64,7 +64,7 @@ def clipped_softmax_gradient_sum(
     residual = softmax(x @ weights.astype(np.float32))
     residual[np.arange(len(y)), y] -= 1
     if row_norms is None:
-        row_norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # einsum: no x² copy of the block
+        row_norms = compute_row_norms(x)
     norms = row_norms * np.sqrt(np.einsum("ij,ij->i", residual, residual))
     residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-30))[:, None]
     return np.asarray(x.T @ residual, dtype=np.float64)
