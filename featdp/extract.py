@@ -1,6 +1,6 @@
 """Stage one: run a frozen backbone over a dataset and append the features to the feature file.
 
-* Loader workers (grain, threads) decode and `prepare` images while the accelerator runs the previous
+* Loader processes (grain) decode and `prepare` images while the accelerator runs the previous
   batch; JAX's asynchronous dispatch keeps one batch in flight while the last one is written.
 * One compiled program per batch shape: every batch has the same global size; the last partial batch is
   padded with zeros and its padding rows are dropped before writing.
@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import pathlib
 import threading
@@ -125,6 +127,25 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
     threading.Thread(target=watch, daemon=True, name="featdp-parent-watch").start()
 
 
+@contextlib.contextmanager
+def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
+                    workers: int) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """`_batches`, with the loader's shared memory released when the split ends or fails."""
+    batches = _batches(dataset, split, backbone, start, stop, batch_size, workers)
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        del batches
+        # grain's process loaders hand batches over in shared-memory segments, unlinked when the array is
+        # freed; the last ones of a run sit in reference cycles of grain's interleaving threads and stay in
+        # /dev/shm until those are collected (Python then warns of "leaked shared_memory objects" at
+        # exit). One collection per split frees them.
+        gc.collect()
+
+
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
              workers: int) -> Iterator[dict[str, np.ndarray]]:
     # Batches are contiguous row ranges [start + k·B, start + (k+1)·B) built before any worker sees
@@ -222,11 +243,15 @@ def _extract_split(dataset, split, backbone, forward, writer, done, total, worke
 
     if on_progress:
         on_progress(SplitProgress(split, done, total, 0.0))
-    for batch in _batches(dataset, split, backbone, done, total, forward.batch_size, workers):
-        rows = len(batch["label"])
-        in_flight = (forward(_pad(batch["image"], forward.batch_size)), batch["label"], batch["index"], rows)
+    with _loaded_batches(dataset, split, backbone, done, total, forward.batch_size, workers) as batches:
+        batch = None
+        for batch in batches:
+            rows = len(batch["label"])
+            in_flight = (forward(_pad(batch["image"], forward.batch_size)), batch["label"], batch["index"], rows)
+            if pending is not None:
+                flush(pending)  # overlaps with the batch just dispatched
+            pending = in_flight
+        del batch  # drop our references to shared-memory batches before the loader releases them
         if pending is not None:
-            flush(pending)  # overlaps with the batch just dispatched
-        pending = in_flight
-    if pending is not None:
-        flush(pending)
+            flush(pending)
+            pending = None

@@ -129,7 +129,9 @@ def _gone_within(pids, seconds=10.0):
 
 def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_file(folder, tmp_path):
     reference = tmp_path / "reference.h5"
-    assert subprocess.run(_command(folder, reference), capture_output=True).returncode == 0
+    finished = subprocess.run(_command(folder, reference), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "leaked shared_memory" not in finished.stderr  # loader batches are unlinked, none left in /dev/shm
     expected = read_all(reference)
     for split, rows in [("train", 4), ("train", 48), ("test", 0), ("test", 24)]:
         out = tmp_path / f"killed_{split}_{rows}.h5"
