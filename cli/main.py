@@ -340,6 +340,9 @@ def extract(
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated; default: all splits."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="TFDS data_dir or the Fashion-MNIST folder."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights on disk for the backbone."),
+    checkpoint_sha256: Optional[str] = typer.Option(
+        None, "--checkpoint-sha256", help="Expected SHA-256 of the weights; a different file is an error."
+    ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Default: 256 on GPU/TPU, 32 on the CPU."
     ),
@@ -355,8 +358,8 @@ def extract(
 
     config = ExtractConfig(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
-        data_dir=data_dir, checkpoint=checkpoint, batch_size=batch_size, limit=limit, overwrite=overwrite,
-        dtype=dtype, **({} if workers is None else {"workers": workers}),
+        data_dir=data_dir, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, batch_size=batch_size,
+        limit=limit, overwrite=overwrite, dtype=dtype, **({} if workers is None else {"workers": workers}),
     )
     try:
         with _progress_reporter() as report:

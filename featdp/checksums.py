@@ -13,3 +13,26 @@ def file_sha256(path: os.PathLike | str, chunk_bytes: int = 1 << 24) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class ChecksumMismatchError(ValueError):
+    """A file's SHA-256 is not the one the user pinned."""
+
+
+def normalized_sha256(expected: str) -> str:
+    """`expected` as 64 lowercase hex digits, or a ValueError naming it."""
+    digest = expected.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"a SHA-256 is 64 hex digits, got {expected!r}")
+    return digest
+
+
+def verify_sha256(path: os.PathLike | str, expected: str) -> str:
+    """Checks the file against a pinned digest; returns the digest or raises ChecksumMismatchError."""
+    expected = normalized_sha256(expected)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ChecksumMismatchError(f"{path} has sha256 {actual}, expected {expected}")
+    return actual

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from featdp.backbones.registry import Backbone, load_backbone
+from featdp.checksums import ChecksumMismatchError, normalized_sha256, verify_sha256
 from featdp.datasets import open_dataset
 from featdp.featurefile import FeatureWriter
 from featdp.loading import LoadBatch
@@ -52,6 +53,7 @@ class ExtractConfig:
     splits: tuple[str, ...] | None = None  # None: every split of the dataset
     data_dir: str | None = None
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None  # pinned digest of the weights; a mismatch stops the run
     batch_size: int | None = None  # None: 256 on GPU/TPU, 32 on the CPU (see default_batch_size)
     limit: int | None = None  # at most this many examples per split (quick runs)
     overwrite: bool = False
@@ -204,8 +206,19 @@ def extract(
     if unknown:
         raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
     dtype = compute_dtype(config.dtype)
+    expected_sha256 = None
+    if config.checkpoint_sha256 is not None:
+        try:
+            expected_sha256 = normalized_sha256(config.checkpoint_sha256)
+        except ValueError as error:
+            raise ExtractError(f"--checkpoint-sha256: {error}") from None
+        if config.checkpoint is not None:  # before spending time (and memory) loading the weights
+            verify_sha256(config.checkpoint, expected_sha256)
     if backbone is None:
         backbone = load_backbone(config.backbone, config.checkpoint)
+    if expected_sha256 is not None and backbone.checkpoint_sha256 != expected_sha256:
+        raise ChecksumMismatchError(f"{backbone.name} weights {backbone.checkpoint or '(none)'} have sha256 "
+                                    f"{backbone.checkpoint_sha256 or '(none: weight-free)'}, expected {expected_sha256}")
     forward = ShardedForward(backbone, batch_size, dtype)
     preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
     with FeatureWriter(

