@@ -1,11 +1,12 @@
 """Stage-one throughput: images/s of each backbone, model only and end to end into HDF5.
 
     python benchmarks/extract_throughput.py [--backbones efficientnet-lite0,vit-b16] [--batch 512]
-                                            [--images 8192] [--workdir /tmp/featdp_throughput]
+                                            [--images 8192] [--e2e-seconds 60] [--workdir /tmp/featdp_throughput]
 
 Model only: a device-resident uint8 batch through the jit-compiled, sharded forward (bf16 on GPU/TPU,
 float32 on CPU), timed over repeated calls after compilation. End to end: `featdp.extract.extract` over
-a folder of 256×256 JPEGs (read, decode, crop/resize on loader threads, forward, write float16 HDF5).
+a folder of 256×256 JPEGs (read, decode, crop/resize in loader processes, forward, write float16
+HDF5), as many images as the model alone would take about --e2e-seconds on (at most --images).
 ViTs run with random weights (throughput does not depend on them; no checkpoint ships offline). When
 torch and timm are importable and a GPU is present, the same run also times timm's ViT-B/16 under
 `torch.compile` in bf16 at the same batch size.
@@ -111,9 +112,10 @@ def make_jpeg_folder(root: pathlib.Path, count: int) -> pathlib.Path:
 
 
 def end_to_end(backbone: Backbone, batch: int, folder: pathlib.Path, out: pathlib.Path,
-               workers: int) -> tuple[float, float]:
+               workers: int, images: int) -> tuple[float, float]:
     """(whole run incl. starting the loader processes, steady state from the first written batch) img/s."""
-    config = ExtractConfig(dataset=f"folder:{folder}", out=out, batch_size=batch, overwrite=True, workers=workers)
+    config = ExtractConfig(dataset=f"folder:{folder}", out=out, batch_size=batch, overwrite=True, workers=workers,
+                           limit=images)
     extract(dataclass_replace(config, limit=batch), backbone=backbone)  # compile + warm the page cache
     marks: list[tuple[float, int]] = []
     start = time.perf_counter()
@@ -164,7 +166,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbones", default=",".join(backbone_specs()))
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--images", type=int, default=8192, help="JPEGs in the folder: the most an e2e run reads")
+    parser.add_argument("--e2e-seconds", type=float, default=60.0,
+                        help="size each e2e run to about this long at model-only speed (at least 4 batches)")
     parser.add_argument("--workers", type=int, default=ExtractConfig.workers)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-e2e", action="store_true")
@@ -176,18 +180,21 @@ def main(argv=None) -> None:
     folder = None if args.skip_e2e else make_jpeg_folder(args.workdir / "jpegs", args.images)
     rows = [f"# extract_throughput on {device}, compute {jnp.dtype(dtype).name}, batch {args.batch}", "",
             f"command: python benchmarks/extract_throughput.py {' '.join(sys.argv[1:])}", "",
-            "| backbone | model only (img/s) | end to end, whole run (img/s) | end to end, steady (img/s) "
-            "| steady / model |",
-            "|---|---|---|---|---|"]
+            "| backbone | model only (img/s) | e2e images | end to end, whole run (img/s) "
+            "| end to end, steady (img/s) | steady / model |",
+            "|---|---|---|---|---|---|"]
     vit_b16 = None
     for name in args.backbones.split(","):
         backbone = get_backbone(name)
         model_rate, batch = model_only(backbone, args.batch, dtype, args.seconds)
         if name == "vit-b16":
             vit_b16 = model_rate
-        e2e = None if folder is None else end_to_end(backbone, batch, folder, args.workdir / "f.h5", args.workers)
-        cells = [name, f"{model_rate:,.0f}"] + (["-"] * 3 if e2e is None else
-                                                [f"{e2e[0]:,.0f}", f"{e2e[1]:,.0f}", f"{e2e[1] / model_rate:.2f}"])
+        # Slow models on small machines: enough images for a steady state, not hours of them.
+        images = min(args.images, max(4 * batch, int(model_rate * args.e2e_seconds)))
+        e2e = None if folder is None else end_to_end(backbone, batch, folder, args.workdir / "f.h5", args.workers,
+                                                     images)
+        cells = [name, f"{model_rate:,.0f}"] + (["-"] * 4 if e2e is None else [
+            str(images), f"{e2e[0]:,.0f}", f"{e2e[1]:,.0f}", f"{e2e[1] / model_rate:.2f}"])
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     if vit_b16 is not None:
