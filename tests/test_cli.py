@@ -174,3 +174,55 @@ def test_non_private_reference_needs_no_epsilon(features, tmp_path):
     result = invoke("fit", features, "--method", "ridge", "--out", tmp_path / "ridge")
     assert result.exit_code == 0 and "non-private" in result.output
     assert json.loads((tmp_path / "ridge" / "privacy_report.json").read_text())["private"] is False
+
+
+def _fashion_mnist_idx(directory, n_train=48, n_test=24, seed=0):
+    """IDX files shaped like Fashion-MNIST's: class c is a bright band at rows 2c..2c+5 plus noise."""
+    import gzip
+
+    from featdp.datasets import idx
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c: 2 * c + 6] += 180
+        for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(idx.idx_bytes(array)))
+    return directory
+
+
+def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
+    data = _fashion_mnist_idx(tmp_path / "fm")
+    out = tmp_path / "runs"
+    # Lite0 (d = 1280) keeps the per-class eigendecompositions of dp-newton quick; the default ScatterNet
+    # (d = 3969) is the same code path.
+    args = ["demo", "--backbone", "efficientnet-lite0", "--data-dir", data, "--out", out]
+    result = invoke(*args, "--limit", 40, "--eps", "0.5,2")
+    assert result.exit_code == 0, result.output
+    from featdp.methods import method_names
+
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    for name in method_names(private=True):
+        assert name in rows and len(rows[name].split("│")) == 6, result.output  # method, 2 ε, seconds
+    assert "dp-sgd (Tramèr–Boneh recipe)" in rows and "logreg (non-private)" in rows
+    reports = sorted(p.parent.name for p in out.glob("*/privacy_report.json"))
+    assert "dp-sgd-recipe_eps2" in reports and "dp-newton_eps0.5" in reports
+    report = json.loads((out / "dp-sgd-recipe_eps2" / "privacy_report.json").read_text())
+    assert report["hyperparameters"]["steps"] == 293 and report["epsilon"] <= 2
+    features = out / "fashion_mnist_efficientnet-lite0_first40.h5"
+
+    def content():
+        with h5py.File(features) as f:
+            return f.attrs["created_utc"], f["train/features"][:]
+
+    created, rows = content()
+    assert rows.shape == (40, 1280)
+    # A different --limit gets its own file; rerunning the first reuses its features (no new extraction).
+    assert invoke(*args, "--limit", 24, "--eps", 1).exit_code == 0
+    assert (out / "fashion_mnist_efficientnet-lite0_first24.h5").exists()
+    assert invoke(*args, "--limit", 40, "--eps", 1).exit_code == 0
+    again = content()
+    assert again[0] == created and np.array_equal(again[1], rows)
