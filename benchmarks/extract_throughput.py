@@ -59,7 +59,7 @@ def random_efficientnet(name: str) -> Backbone:
 
     def apply(v, images):
         x = enet.normalize(jnp.asarray(images, jnp.float32) / 255.0, enet.MEAN_RGB, enet.STDDEV_RGB)
-        return model.apply(v, x.astype(jax.tree_util.tree_leaves(v)[0].dtype))
+        return model.apply(v, x.astype(enet.compute_dtype(v)))
 
     return Backbone(name, enet.FEATURE_DIM, size, variables, apply,
                     functools.partial(center_crop_resize, size=size, crop_fraction=size / (size + 32)),

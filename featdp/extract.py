@@ -5,7 +5,8 @@
 * One compiled program per batch shape: every batch has the same global size; the last partial batch is
   padded with zeros and its padding rows are dropped before writing.
 * Data-parallel over all local devices: the batch is sharded along a 1-D mesh, the weights replicated.
-* bfloat16 weights and activations on GPU/TPU by default, float32 on CPU.
+* bfloat16 weight matrices and activations on GPU/TPU by default (biases, norms and BatchNorm
+  statistics stay float32), float32 on CPU.
 * Resumable: rows are appended in order and `rows_done` is raised only after they are on disk, so a
   killed run restarts at `rows_done` and, since batches start at the same rows, computes exactly what an
   uninterrupted run would have. The file's metadata identifies the command; a different one is refused
@@ -84,9 +85,13 @@ def compute_dtype(requested: str) -> jnp.dtype:
     return jnp.dtype(requested)
 
 
-def cast_floating(tree, dtype):
+def cast_weights(tree, dtype):
+    """Weight matrices and kernels (floating, ndim ≥ 2) to the compute dtype. Vectors (biases,
+    normalisation scales, BatchNorm statistics) stay as they are: they are small, the backbones apply
+    them in float32, and rounding a running mean to bfloat16 costs accuracy for nothing."""
     return jax.tree_util.tree_map(
-        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree
+        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2 else leaf,
+        tree,
     )
 
 
@@ -101,7 +106,7 @@ class ShardedForward:
         mesh = Mesh(np.asarray(devices), ("data",))
         self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        variables = cast_floating(jax.tree_util.tree_map(jnp.asarray, backbone.variables), dtype)
+        variables = cast_weights(jax.tree_util.tree_map(jnp.asarray, backbone.variables), dtype)
         self._variables = jax.device_put(variables, replicated)
         self._apply = backbone.apply
 

@@ -5,6 +5,11 @@ stem (32) / head (1280) widths are not scaled. Convolutions use TF "SAME" paddin
 (lax pads the extra row/column at the bottom/right, exactly like the TF original
 the weights come from), and BatchNorm runs in inference mode on the checkpoint's
 running statistics.
+
+Precision: convolutions run in the kernels' dtype (bfloat16 when `featdp extract` casts them on an
+accelerator; sums in float32), BatchNorm and ReLU6 in float32 on float32 statistics, activations are
+stored in the compute dtype, and the features are pooled in float32. Lite0 on scikit-image's photos:
+features within 4.0% (relative) of float32 and the same ImageNet top-1; 7.1% with BatchNorm in bfloat16.
 """
 
 from __future__ import annotations
@@ -166,17 +171,21 @@ def same_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, depthwise: bool,
             x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1] if depthwise else 1,
         )
+    # Sums in float32 and one rounding of the output, as cuDNN does for bfloat16 convolutions, so that a
+    # bfloat16 run on the CPU has the numerics of one on a GPU.
+    dtype, f32 = x.dtype, jnp.float32
     if k == 1 and stride == 1 and not depthwise:
-        return x @ kernel[0, 0]
+        return jnp.matmul(x, kernel[0, 0], preferred_element_type=f32).astype(dtype)
     windows = _shifted_windows(x, k, stride)
     if depthwise:
-        taps = kernel.reshape(k * k, -1)
-        out = windows[0] * taps[0]
+        taps = kernel.reshape(k * k, -1).astype(f32)
+        out = windows[0].astype(f32) * taps[0]
         for window, tap in zip(windows[1:], taps[1:]):
-            out = out + window * tap
-        return out
+            out = out + window.astype(f32) * tap
+        return out.astype(dtype)
     # im2col: the tap-major patch layout matches kernel.reshape(k·k·C_in, C_out).
-    return jnp.concatenate(windows, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+    patches = jnp.concatenate(windows, axis=-1)
+    return jnp.matmul(patches, kernel.reshape(-1, kernel.shape[-1]), preferred_element_type=f32).astype(dtype)
 
 
 class SameConv(nn.Module):
@@ -193,10 +202,10 @@ class SameConv(nn.Module):
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (self.kernel, self.kernel, in_per_group, self.features)
         )
-        dtype = jnp.promote_types(x.dtype, kernel.dtype)
+        # The kernel's dtype is the compute dtype (bfloat16 kernels: a bfloat16 convolution).
         # Decided while tracing: the compiled program is specific to its backend anyway.
         cpu_friendly = jax.default_backend() == "cpu"
-        return same_conv(x.astype(dtype), kernel.astype(dtype), self.stride, self.depthwise, cpu_friendly)
+        return same_conv(x.astype(kernel.dtype), kernel, self.stride, self.depthwise, cpu_friendly)
 
 
 class ConvBN(nn.Module):
@@ -211,8 +220,10 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = SameConv(self.features, self.kernel, self.stride, self.depthwise, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
-        return jnp.clip(x, 0.0, 6.0) if self.activate else x
+        # BatchNorm and ReLU6 in float32 (as under torch autocast), the result stored in the conv's dtype:
+        # in bfloat16 the normalisation's x − mean loses most bits when |mean| ≫ std.
+        y = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, dtype=jnp.float32, name="bn")(x)
+        return (jnp.clip(y, 0.0, 6.0) if self.activate else y).astype(x.dtype)
 
 
 class MBConv(nn.Module):
@@ -247,7 +258,7 @@ class EfficientNetLite(nn.Module):
         for i, spec in enumerate(block_specs(self.config)):
             x = MBConv(spec, name=f"block{i}")(x)
         x = ConvBN(FEATURE_DIM, name="head")(x)
-        features = jnp.mean(x, axis=(1, 2))
+        features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if not return_logits:
             return features
         logits = nn.Dense(self.config.num_classes, name="classifier")(features)
@@ -278,6 +289,11 @@ def preprocess(images: np.ndarray | Sequence[np.ndarray], name: str,
     return normalize(x, MEAN_RGB, STDDEV_RGB)
 
 
+def compute_dtype(variables) -> jnp.dtype:
+    """The dtype the convolutions run in: that of the kernels (the runner casts kernels, not BatchNorm)."""
+    return variables["params"]["stem"]["conv"]["kernel"].dtype
+
+
 def _load_registered(variant: str):
     def load(checkpoint: str | None):
         import functools
@@ -294,7 +310,7 @@ def _load_registered(variant: str):
 
         def apply(variables, images_uint8):
             x = normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0, MEAN_RGB, STDDEV_RGB)
-            return model.apply(variables, x.astype(jax.tree_util.tree_leaves(variables)[0].dtype))
+            return model.apply(variables, x.astype(compute_dtype(variables)))
 
         return Backbone(
             name=f"efficientnet-{variant}",
