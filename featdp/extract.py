@@ -149,8 +149,20 @@ def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: i
         # grain's process loaders hand batches over in shared-memory segments, unlinked when the array is
         # freed; the last ones of a run sit in reference cycles of grain's interleaving threads and stay in
         # /dev/shm until those are collected (Python then warns of "leaked shared_memory objects" at
-        # exit). One collection per split frees them.
+        # exit). One collection per split frees them, and then we wait for grain's deleter to unlink them.
         gc.collect()
+        _wait_for_shared_memory_unlinks()
+
+
+def _wait_for_shared_memory_unlinks() -> None:
+    """grain unlinks freed segments on a background thread pool (one thread, in order); a task queued
+    behind them returns once they are done. The pool is grain's private attribute: if a grain release
+    renames it, the cost is only the warning at exit again."""
+    from grain._src.python.ipc import shared_memory_array
+
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
 
 
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
@@ -264,12 +276,12 @@ def _extract_split(dataset, split, backbone, forward, writer, done, total, worke
     with _loaded_batches(dataset, split, backbone, done, total, forward.batch_size, workers) as batches:
         batch = None
         for batch in batches:
-            rows = len(batch["label"])
-            in_flight = (forward(_pad(batch["image"], forward.batch_size)), batch["label"], batch["index"], rows)
+            features = forward(_pad(batch["image"], forward.batch_size))
             if pending is not None:
                 flush(pending)  # overlaps with the batch just dispatched
-            pending = in_flight
-        del batch  # drop our references to shared-memory batches before the loader releases them
+            pending = (features, batch["label"], batch["index"], len(batch["label"]))
+        # Drop every reference to the loader's shared-memory arrays before it releases them.
+        del batch
         if pending is not None:
             flush(pending)
             pending = None
