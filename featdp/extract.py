@@ -156,10 +156,12 @@ def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: i
 
 def _wait_for_shared_memory_unlinks() -> None:
     """grain unlinks freed segments on a background thread pool (one thread, in order); a task queued
-    behind them returns once they are done. The pool is grain's private attribute: if a grain release
-    renames it, the cost is only the warning at exit again."""
-    from grain._src.python.ipc import shared_memory_array
-
+    behind them returns once they are done. The pool is grain's private API: if a grain release moves
+    it, the cost is only the warning at exit again."""
+    try:
+        from grain._src.python.ipc import shared_memory_array
+    except ImportError:
+        return
     pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
     if pool is not None:
         pool.apply(int)
