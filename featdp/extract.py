@@ -137,34 +137,33 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
 @contextlib.contextmanager
 def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
                     workers: int) -> Iterator[Iterator[dict[str, np.ndarray]]]:
-    """`_batches`, with the loader's shared memory released when the split ends or fails."""
+    """`_batches`, each batch's shared memory unlinked on arrival, the loader closed when the split ends."""
     batches = _batches(dataset, split, backbone, start, stop, batch_size, workers)
     try:
-        yield batches
+        yield map(_unlink_shared_memory, batches)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
         del batches
-        # grain's process loaders hand batches over in shared-memory segments, unlinked when the array is
-        # freed; the last ones of a run sit in reference cycles of grain's interleaving threads and stay in
-        # /dev/shm until those are collected (Python then warns of "leaked shared_memory objects" at
-        # exit). One collection per split frees them, and then we wait for grain's deleter to unlink them.
-        gc.collect()
-        _wait_for_shared_memory_unlinks()
+        gc.collect()  # grain's interleaving threads keep the last batches in reference cycles: free their mappings
 
 
-def _wait_for_shared_memory_unlinks() -> None:
-    """grain unlinks freed segments on a background thread pool (one thread, in order); a task queued
-    behind them returns once they are done. The pool is grain's private API: if a grain release moves
-    it, the cost is only the warning at exit again."""
-    try:
-        from grain._src.python.ipc import shared_memory_array
-    except ImportError:
-        return
-    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
-    if pool is not None:
-        pool.apply(int)
+def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Removes the /dev/shm names of a batch that grain's worker processes handed over.
+
+    grain unlinks a segment when its array is freed, on a background thread; an array freed late (held in
+    a reference cycle, or at interpreter exit) is never unlinked and Python warns of "leaked shared_memory
+    objects". Unlinking on arrival is deterministic and costs nothing: the mapping stays valid until the
+    array is freed, and no other process opens the segment again. `_unlink_on_del` is grain's private
+    flag; should a release rename it, batches are left to grain's own deleter.
+    """
+    for leaf in batch.values():
+        segment = getattr(leaf, "shm", None)
+        if segment is not None and getattr(leaf, "_unlink_on_del", False):
+            leaf._unlink_on_del = False
+            segment.unlink()
+    return batch
 
 
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
