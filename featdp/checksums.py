@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
 
 def file_sha256(path: os.PathLike | str, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 of the file's bytes, hex, read in chunks."""
+    """SHA-256 of the file's bytes, hex, read in chunks.
+
+    Remembered per (file, size, modification time): a pinned checkpoint is hashed for the pin check and
+    again by its loader for provenance, seconds for a multi-GB ViT; any rewrite of the file changes the key.
+    """
+    info = os.stat(path)
+    return _sha256_of_version(os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                              chunk_bytes)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of_version(path: str, device: int, inode: int, size: int, mtime_ns: int, chunk_bytes: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):

@@ -3,6 +3,7 @@
 import datetime
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,6 +128,16 @@ def test_file_sha256_hashes_the_bytes(toy_file):
     path, _ = toy_file
     assert file_sha256(path, chunk_bytes=1000) == hashlib.sha256(path.read_bytes()).hexdigest()
 
+
+
+def test_file_sha256_follows_a_rewrite_of_the_same_size(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 4096)
+    first = file_sha256(path)
+    assert file_sha256(path) == first  # remembered
+    path.write_bytes(b"b" * 4096)
+    os.utime(path, ns=(1, 1))  # a new modification time, as any rewrite has
+    assert file_sha256(path) == hashlib.sha256(b"b" * 4096).hexdigest() != first
 
 # --- writing and resuming -----------------------------------------------------------------------
 
