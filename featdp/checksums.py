@@ -11,7 +11,8 @@ def file_sha256(path: os.PathLike | str, chunk_bytes: int = 1 << 24) -> str:
     """SHA-256 of the file's bytes, hex, read in chunks.
 
     Remembered per (file, size, modification time): a pinned checkpoint is hashed for the pin check and
-    again by its loader for provenance, seconds for a multi-GB ViT; any rewrite of the file changes the key.
+    again by its loader for provenance, seconds for a multi-GB ViT. A rewrite changes the key through its
+    new modification time (or inode, for a replaced file).
     """
     info = os.stat(path)
     return _sha256_of_version(os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,

@@ -281,7 +281,7 @@ def _extract_split(dataset, split, backbone, forward, writer, done, total, worke
             if pending is not None:
                 flush(pending)  # overlaps with the batch just dispatched
             pending = (features, batch["label"], batch["index"], len(batch["label"]))
-        # Drop every reference to the loader's shared-memory arrays before it releases them.
+        # Drop our references to the last batch so that closing the loader frees its mappings.
         del batch
         if pending is not None:
             flush(pending)
