@@ -63,8 +63,8 @@ def fit(
     features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
     method: str = typer.Option("dp-fc", "--method", "-m", help="Method name; see `featdp methods`."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Target epsilon (required for private methods)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/n."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise (reproducible, but predictable)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/ñ (ñ: the released count)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise (any integer, hashed whole; reproducible, but predictable)."),
     accountant: str = typer.Option("pld", "--accountant", help="pld (default, exact for Gaussians) or rdp."),
     sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
@@ -104,7 +104,9 @@ def _print_summary(job) -> None:
         table.add_row("accountant", report["accountant"])
     else:
         table.add_row("privacy", "[red]none: non-private reference[/]")
-    table.add_row("train examples", str(report["num_examples"]))
+    if report["private"]:
+        table.add_row("train examples", f"≈ {report['num_examples_released']} (released noisy count)")
+        table.add_row("sampler", f"{report['sampler']['name']}; ε slack {report['sampler']['epsilon_slack']:.1e}")
     if job.test_accuracy is not None:
         table.add_row("test top-1", f"{job.test_accuracy:.4f}")
     table.add_row("fit time", f"{report['fit_seconds']:.2f} s")

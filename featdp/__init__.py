@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # Imported on first use, so that stage one (extraction) does not load stage two's dependencies.
 _LAZY = {
     "FitResult": "featdp.training",
-    "default_delta": "featdp.training",
+    "default_delta": "featdp.accounting",
     "fit": "featdp.training",
     "fit_arrays": "featdp.training",
     "fit_feature_file": "featdp.jobs",

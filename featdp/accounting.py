@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+import warnings
+from typing import Callable, Iterable
 
 import dp_accounting
 from dp_accounting import dp_event as events
@@ -40,14 +41,58 @@ class PrivacyParameterError(ValueError):
     """An (ε, δ) or accountant argument outside its allowed range."""
 
 
+class DeltaWarning(UserWarning):
+    """δ ≥ 1/n: the guarantee allows leaking one whole example with probability δ."""
+
+
+def default_delta(num_examples: float) -> float:
+    """A power of ten at or below 0.1/n: comfortably below 1/n, and readable in a report."""
+    return 10.0 ** math.floor(math.log10(0.1 / max(num_examples, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyTarget:
+    """A validated privacy target: ε > 0, δ ∈ (0, 1) or None (a default chosen later from the released
+    count), and the accountant. Every entry point (fit, tune, bench, audit, peers) builds one, so the
+    rules and messages live here only."""
+
+    epsilon: float
+    delta: float | None = None
+    accountant: str = "pld"
+
+    def __post_init__(self):
+        epsilon, delta = self.epsilon, self.delta
+        if isinstance(epsilon, bool) or not (
+            isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0
+        ):
+            raise PrivacyParameterError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+        if delta is not None and (isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 < delta < 1)):
+            raise PrivacyParameterError(f"delta must lie in the open interval (0, 1), got {delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise PrivacyParameterError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        object.__setattr__(self, "epsilon", float(epsilon))
+        if delta is not None:
+            object.__setattr__(self, "delta", float(delta))
+
+    def with_default_delta(self, num_examples: float) -> "PrivacyTarget":
+        """δ filled in from `num_examples` (a public value: featdp passes its released count) if unset, and
+        a `DeltaWarning` if δ ≥ 1/n."""
+        target = self if self.delta is not None else dataclasses.replace(self, delta=default_delta(num_examples))
+        if target.delta >= 1 / max(num_examples, 1):
+            warnings.warn(
+                f"delta={target.delta:g} is not below 1/n = {1 / max(num_examples, 1):g}: such a guarantee "
+                "permits revealing a whole training example with probability delta; use a smaller delta",
+                DeltaWarning,
+                stacklevel=3,
+            )
+        return target
+
+
 def check_privacy_parameters(epsilon: float, delta: float, accountant: str = "pld") -> None:
     """Raises `PrivacyParameterError` naming the bad value and the allowed range."""
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise PrivacyParameterError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise PrivacyParameterError(f"delta must lie in the open interval (0, 1), got {delta!r}")
-    if accountant not in ACCOUNTANTS:
-        raise PrivacyParameterError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if delta is None:
+        raise PrivacyParameterError("delta must lie in the open interval (0, 1), got None")
+    PrivacyTarget(epsilon, delta, accountant)
 
 
 def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
@@ -215,3 +260,20 @@ def calibrate(
         accountant=describe_accountant(probe, accountant),
         event=make_event(scale),
     )
+
+
+def ledger_event(releases: Iterable) -> events.DpEvent:
+    """The composition of the releases a fit actually made, as declared: each a Gaussian with its noise
+    multiplier (over its sensitivity), Poisson-subsampled at its rate; identical releases grouped. The
+    audit and the tests rebuild ε from this and compare it with what the method's `dp_event` claims."""
+    counts: dict[tuple[float, float], int] = {}
+    for release in releases:
+        key = (release.noise_multiplier, release.sampling_probability)
+        counts[key] = counts.get(key, 0) + 1
+    parts = []
+    for (sigma, q), count in counts.items():
+        part: events.DpEvent = events.GaussianDpEvent(sigma)
+        if q < 1:
+            part = events.PoissonSampledDpEvent(q, part)
+        parts.append(events.SelfComposedDpEvent(part, count) if count > 1 else part)
+    return events.ComposedDpEvent(parts)

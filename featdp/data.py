@@ -135,10 +135,21 @@ class TrainingData:
     source: RowSource
     preprocessing: Preprocessing
     block_rows: int = DEFAULT_BLOCK_ROWS
+    # The n a method may compute with. Under add-or-remove neighbours the true n is private, so `fit`
+    # sets this to the released noisy count; tests and audits on public data pass a fixed public value.
+    public_num_examples: float | None = None
 
     @property
     def num_examples(self) -> int:
+        """The true number of rows: for iterating over them only, never for computing a release."""
         return self.source.num_examples
+
+    @property
+    def public_size(self) -> float:
+        """The public stand-in for n (the released count in a real fit)."""
+        if self.public_num_examples is None:
+            raise ValueError("this TrainingData has no public example count: a private method needs one")
+        return float(self.public_num_examples)
 
     @property
     def feature_dim(self) -> int:

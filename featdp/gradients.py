@@ -6,11 +6,12 @@ import numpy as np
 
 from featdp import stats
 from featdp.data import TrainingData
-from featdp.mechanism import Releaser
+from featdp.mechanism import ReleaserInterface
 
 
-def expected_batch_size(num_examples: int, batch_size: int | None) -> tuple[float, float]:
-    """(q, q·n): Poisson rate and expected batch size; batch_size None means the full batch (q = 1)."""
+def expected_batch_size(num_examples: float, batch_size: int | None) -> tuple[float, float]:
+    """(q, q·n): Poisson rate and expected batch size; batch_size None means the full batch (q = 1).
+    `num_examples` is the public count (the released ñ in a fit), so q is public too."""
     if batch_size is None or batch_size >= num_examples:
         return 1.0, float(num_examples)
     return batch_size / num_examples, float(batch_size)
@@ -19,17 +20,17 @@ def expected_batch_size(num_examples: int, batch_size: int | None) -> tuple[floa
 def private_mean_gradient(
     data: TrainingData,
     weights: np.ndarray,
-    releaser: Releaser,
+    releaser: ReleaserInterface,
     *,
     step: int,
     grad_clip: float,
     noise_multiplier: float,
     sampling_probability: float,
 ) -> np.ndarray:
-    """(Σ_{i∈S} clip(∇ℓ_i(W)) + N(0, (σ·C_g)²)) / (q·n), S Poisson-sampled with rate q (all rows if q = 1).
+    """(Σ_{i∈S} clip(∇ℓ_i(W)) + N(0, (σ·C_g)²)) / (q·ñ), S Poisson-sampled with rate q (all rows if q = 1).
 
     Adding or removing one example changes the sum by one clipped gradient: Δ = C_g. Dividing by the
-    public expected batch size q·n, not |S|, keeps the mean estimate post-processing.
+    public q·ñ (ñ the released count), not by |S| or the true n, keeps the mean estimate post-processing.
     """
     select = None
     if sampling_probability < 1:
@@ -43,4 +44,4 @@ def private_mean_gradient(
         "gradient_sum", total, sensitivity=grad_clip, noise_multiplier=noise_multiplier,
         sampling_probability=sampling_probability, step=step,
     )
-    return noisy / (sampling_probability * data.num_examples)
+    return noisy / (sampling_probability * data.public_size)

@@ -14,7 +14,7 @@ import numpy as np
 from dp_accounting import dp_event as events
 
 import featdp
-from featdp import accounting
+from featdp import accounting, integer_gaussian, mechanism
 from featdp.training import FitResult
 
 HEAD_FILE = "head.npz"
@@ -41,8 +41,6 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
         "private": result.method.private,
         "hyperparameters": result.method.hyperparameters(),
         "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
-        "num_examples": result.num_examples,
-        "num_examples_is_public": True,
         "releases": [r.to_json_dict() for r in result.releases],
         "noise_seeded": result.seeded,
     }
@@ -52,19 +50,58 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
             "subtract it, so this head carries no privacy guarantee against them"
         )
     if calibration is not None:
+        count, privacy, target = result.count, result.privacy, result.target
         report.update(
-            target_epsilon=calibration.target_epsilon,
-            epsilon=calibration.epsilon,
-            delta=calibration.delta,
+            target_epsilon=target.epsilon,
+            epsilon=privacy.epsilon,
+            delta=privacy.delta,
+            target_delta=target.delta,
             accountant=calibration.accountant,
             noise_scale=calibration.noise_scale,
             dp_event=event_to_json(calibration.event),
+            composition=(
+                "basic composition of the released count and the method's event, plus the sampler's slack: "
+                f"epsilon = {count.epsilon:.6g} (count) + {calibration.epsilon:.6g} (method, {calibration.accountant}) "
+                f"+ {privacy.epsilon - privacy.accountant_epsilon:.3g} (sampler); delta = {count.delta:.6g} + "
+                f"{privacy.accountant_delta - count.delta:.6g} + {privacy.delta - privacy.accountant_delta:.3g}"
+            ),
+            num_examples_released=count.value,
+            public=_public_inputs(result),
+            sampler=_sampler(result, privacy),
         )
     else:
         report.update(epsilon=float("inf"), delta=1.0, dp_event=event_to_json(events.NonPrivateDpEvent()),
                       warning="non-private reference method: no privacy guarantee")
     report.update(extra)
     return report
+
+
+def _public_inputs(result: FitResult) -> dict[str, str]:
+    """What the fit treated as public, and why that is sound."""
+    return {
+        "num_examples": "private: released as a noisy count (release 'num_examples', sensitivity 1, "
+                        f"epsilon {result.count.epsilon:.4g}, delta {result.count.delta:.3g}); every use of n "
+                        "(sampling rate, means, ridge floors, default delta) uses the released count",
+        "classes": "public: the class set is the dataset's declared label set, not read from the private labels",
+        "hyperparameters": "public: fixed before the fit (selection on private data needs `featdp tune`)",
+        "feature_dim": "public: the backbone's output dimension",
+    }
+
+
+def _sampler(result: FitResult, privacy) -> dict[str, Any]:
+    noisy = [r for r in result.releases if r.grid > 0]
+    return {
+        "name": mechanism.SAMPLER,
+        "grids": sorted({r.grid for r in noisy}),
+        "max_rounding_share_of_sensitivity": max((r.rounding_share for r in noisy), default=0.0),
+        "pointwise_error_bound": integer_gaussian.ETA,
+        "support_in_std": integer_gaussian.TRUNCATION,
+        "coordinates": privacy.coordinates,
+        "epsilon_slack": privacy.epsilon - privacy.accountant_epsilon,
+        "delta_slack": privacy.delta - privacy.accountant_delta,
+        "randomness": "AES-256-CTR keyed by " + ("SHA-256 of the user's seed" if result.seeded
+                                                 else "256 bits from the OS's cryptographic source"),
+    }
 
 
 def write_outputs(out_dir: str | os.PathLike, result: FitResult, report: dict[str, Any],

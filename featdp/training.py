@@ -1,38 +1,69 @@
-"""Fit a head: calibrate the method's noise to (ε, δ), run it with fresh OS randomness, keep the ledger."""
+"""Fit a head: release the example count, calibrate the method's noise to what remains of (ε, δ), run it
+with fresh OS randomness, and account for the run as it was sampled.
+
+Privacy model (DESIGN §2, as implemented): neighbours differ by adding or removing one example, so the
+true n is private. A fit therefore first releases a noisy count ñ (Δ = 1, `COUNT_SHARE` of ε, and of δ
+when δ is given), and everything that needs n — the Poisson rate q = B/ñ, mean gradients, ridge floors,
+the default δ — uses ñ. The count and the method compose by basic composition (ε_c + ε_m, δ_c + δ_m),
+which holds although the method's event may depend on ñ. A share `SAMPLER_RESERVE` of both is kept back
+for the sampler's slack (`mechanism.sampling_slack`), which is added to what the report states.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-import warnings
 
 import numpy as np
+from dp_accounting import dp_event as events
 
 from featdp import accounting
+from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.data import ArraySource, DataError, RowSource, TrainingData, maybe_in_memory
-from featdp.mechanism import Release, Releaser, make_key
+from featdp.mechanism import Release, Releaser, ReleaserInterface, make_key, sampling_slack
 from featdp.methods import Method, get_method
 
+__all__ = ["CountRelease", "DeltaWarning", "FitResult", "PrivacySpent", "default_delta", "fit", "fit_arrays",
+           "release_count"]
 
-class DeltaWarning(UserWarning):
-    """δ ≥ 1/n: the guarantee allows leaking one whole example with probability δ."""
+COUNT_SHARE = 0.01  # of ε (and of δ when the user gives δ) spent on the released count ñ
+COUNT_DELTA_WHEN_DEFAULT = 1e-12  # δ of the count when δ is left to its default (which needs ñ first)
+SAMPLER_RESERVE = 1e-4  # of the method's ε and δ kept back for the sampler's slack
 
 
-def default_delta(num_examples: int) -> float:
-    """A power of ten at or below 0.1/n: comfortably below 1/n, and readable in a report."""
-    return 10.0 ** math.floor(math.log10(0.1 / max(num_examples, 1)))
+@dataclasses.dataclass(frozen=True)
+class CountRelease:
+    """The released example count ñ and what it cost."""
+
+    value: int  # ñ = max(1, round(n + noise))
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySpent:
+    """What a fit's report states: the accountant's figures plus the sampler's slack."""
+
+    epsilon: float
+    delta: float
+    accountant_epsilon: float  # count + method, by basic composition, for the ideal mechanism
+    accountant_delta: float
+    coordinates: int  # noisy coordinates drawn in all
 
 
 @dataclasses.dataclass
 class FitResult:
     method: Method
     weights: np.ndarray  # (d, K); predict argmax_c (Wᵀ preprocess(x))_c
-    num_examples: int
+    num_examples: int  # the true n: for the caller's own use, never written to a report
     releases: list[Release]
-    calibration: accounting.Calibration | None  # None for non-private methods
+    calibration: accounting.Calibration | None  # the method's noise; None for non-private methods
     seeded: bool
     fit_seconds: float
+    count: CountRelease | None = None
+    privacy: PrivacySpent | None = None
+    target: PrivacyTarget | None = None  # with δ resolved
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
         return self.method.preprocessing()(np.asarray(features, np.float32)) @ self.weights
@@ -47,6 +78,13 @@ class FitResult:
         return correct / max(source.num_examples, 1)
 
 
+def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float, delta: float) -> CountRelease:
+    """ñ = max(1, round(n + Gaussian noise)) at (ε, δ) with Δ = 1: adding or removing one example moves n by 1."""
+    sigma = accounting.calibrate(lambda s: events.GaussianDpEvent(s), epsilon, delta).noise_scale
+    noisy = releaser.release("num_examples", np.array([float(num_examples)]), sensitivity=1.0, noise_multiplier=sigma)
+    return CountRelease(max(1, int(round(float(noisy[0])))), float(epsilon), float(delta), float(sigma))
+
+
 def fit(
     train: RowSource,
     method: str | Method = "dp-fc",
@@ -56,8 +94,11 @@ def fit(
     seed: int | None = None,
     accountant: str = "pld",
     hyperparameters: dict | None = None,
+    releaser: ReleaserInterface | None = None,
 ) -> FitResult:
-    """Trains `method` on `train` with (ε, δ)-DP; noise comes from the OS unless `seed` is given."""
+    """Trains `method` on `train` with (ε, δ)-DP; noise comes from the OS unless `seed` is given.
+
+    `releaser` replaces the one built from the seed (an audit's recorder, say)."""
     if isinstance(method, str):
         method = get_method(method, **(hyperparameters or {}))
     elif hyperparameters:
@@ -65,31 +106,45 @@ def fit(
     n = train.num_examples
     if n == 0:
         raise DataError("the training split is empty: there is nothing to fit")
-    calibration = None
-    if method.private:
-        if epsilon is None:
-            raise accounting.PrivacyParameterError(f"method {method.name!r} is private: epsilon is required")
-        delta = default_delta(n) if delta is None else delta
-        accounting.check_privacy_parameters(epsilon, delta, accountant)
-        if delta >= 1 / n:
-            warnings.warn(
-                f"delta={delta:g} is not below 1/n = {1 / n:g}: such a guarantee permits revealing a whole "
-                "training example with probability delta; use a smaller delta",
-                DeltaWarning,
-                stacklevel=2,
-            )
-        calibration = accounting.calibrate(
-            lambda scale: method.dp_event(scale, n), epsilon, delta, accountant
+    key = make_key(seed)
+    releaser = releaser if releaser is not None else Releaser(key)
+    source = maybe_in_memory(train)
+    if not method.private:
+        start = time.perf_counter()
+        weights = method.fit(TrainingData(source, method.preprocessing(), public_num_examples=n), 0.0, releaser)
+        return _result(method, weights, n, releaser, None, key.seeded, time.perf_counter() - start)
+    if epsilon is None:
+        raise accounting.PrivacyParameterError(f"method {method.name!r} is private: epsilon is required")
+    target = PrivacyTarget(epsilon, delta, accountant)
+    count_delta = COUNT_SHARE * target.delta if target.delta is not None else COUNT_DELTA_WHEN_DEFAULT
+    count = release_count(n, releaser, COUNT_SHARE * target.epsilon, count_delta)
+    target = target.with_default_delta(count.value)
+    if target.delta <= 2 * count.delta:
+        raise accounting.PrivacyParameterError(
+            f"delta={target.delta:g} is too small to leave room for the released count's {count.delta:g}"
         )
-    key, seeded = make_key(seed)
-    releaser = Releaser(key)
-    data = TrainingData(maybe_in_memory(train), method.preprocessing())
+    method_epsilon = (target.epsilon - count.epsilon) * (1 - SAMPLER_RESERVE)
+    method_delta = (target.delta - count.delta) * (1 - SAMPLER_RESERVE)
+    calibration = accounting.calibrate(
+        lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant
+    )
+    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value)
     start = time.perf_counter()
-    weights = method.fit(data, calibration.noise_scale if calibration else 0.0, releaser)
+    weights = method.fit(data, calibration.noise_scale, releaser)
     elapsed = time.perf_counter() - start
+    ideal_epsilon, ideal_delta = count.epsilon + calibration.epsilon, count.delta + method_delta
+    spent_epsilon, spent_delta = sampling_slack(releaser.releases, ideal_epsilon, ideal_delta)
+    privacy = PrivacySpent(spent_epsilon, spent_delta, ideal_epsilon, ideal_delta,
+                           sum(r.coordinates for r in releaser.releases))
+    result = _result(method, weights, n, releaser, calibration, key.seeded, elapsed)
+    return dataclasses.replace(result, count=count, privacy=privacy, target=target)
+
+
+def _result(method, weights, n, releaser, calibration, seeded, elapsed) -> FitResult:
     if not np.all(np.isfinite(weights)):
         raise FloatingPointError(f"method {method.name!r} produced a non-finite head")
-    return FitResult(method, np.asarray(weights, np.float32), n, releaser.releases, calibration, seeded, elapsed)
+    return FitResult(method, np.asarray(weights, np.float32), n, list(releaser.releases), calibration, seeded,
+                     elapsed)
 
 
 def fit_arrays(features, labels, method="dp-fc", *, num_classes=None, **kwargs) -> FitResult:

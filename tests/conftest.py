@@ -1,4 +1,4 @@
-"""Shared fixtures: small datasets, method variants and a releaser that records what was released."""
+"""Shared fixtures: small datasets, method variants, and fits whose releases are recorded."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from featdp import mechanism
+from featdp.audit.recording import Recorder, Replay
 from featdp.data import ArraySource, Preprocessing, TrainingData
 from featdp.methods import get_method, method_names
 
@@ -40,44 +41,25 @@ def blobs():
     return ArraySource(x, y, 4)
 
 
-def training_data(source, method) -> TrainingData:
-    return TrainingData(source, method.preprocessing(), block_rows=64)
+def training_data(source, method, public_count=None) -> TrainingData:
+    """Test data is public, so its own n may serve as the public count unless a test fixes another."""
+    public_count = source.num_examples if public_count is None else public_count
+    return TrainingData(source, method.preprocessing(), block_rows=64, public_num_examples=public_count)
 
 
-class RecordingReleaser(mechanism.Releaser):
-    """A Releaser that also keeps (clean value, released value) for every release.
+def run_recorded(name, hp, source, noise_scale, seed=0, replay=None, public_count=None):
+    """(head, recorder): a fit of `name` whose releases are recorded (`clean`, `released`, `releases`).
 
-    With `replay` (the `released` list of an earlier run), it returns that run's outputs instead of fresh
-    ones, so a second run on a neighbouring dataset follows the same public trajectory (same W_t).
+    With `replay` (the `released` list of an earlier run), the releases return that run's outputs instead
+    of fresh ones (masks still drawn from `seed`), so a second run on a neighbouring dataset follows the
+    same public trajectory W_t.
     """
-
-    def __init__(self, key, replay=None):
-        super().__init__(key)
-        self.clean: list[np.ndarray] = []
-        self.released: list[np.ndarray] = []
-        self._replay = replay
-
-    def _output(self, clean, noisy):
-        index = len(self.released)
-        self.clean.append(np.asarray(clean, np.float64))
-        out = self._replay[index] if self._replay is not None else noisy
-        self.released.append(out)
-        return out
-
-    def release(self, name, value, **kwargs):
-        return self._output(value, super().release(name, value, **kwargs))
-
-    def release_stack(self, name, values, shape, **kwargs):
-        values = [np.asarray(v, np.float64) for v in values]
-        noisy = list(super().release_stack(name, iter(values), shape, **kwargs))
-        stacked = self._output(np.stack(values), np.stack(noisy))
-        return iter(stacked)
-
-
-def run_recorded(name, hp, source, noise_scale, seed=0, replay=None):
     method = get_method(name, **hp)
-    releaser = RecordingReleaser(mechanism.make_key(seed)[0], replay=replay)
-    weights = method.fit(training_data(source, method), noise_scale, releaser)
+    real = mechanism.Releaser(mechanism.make_key(seed))
+    releaser = Replay(replay, masks=real) if replay is not None else Recorder(real)
+    weights = method.fit(training_data(source, method, public_count), noise_scale, releaser)
+    if replay is not None:
+        releaser.released = list(replay)
     return weights, releaser
 
 

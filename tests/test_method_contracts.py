@@ -71,16 +71,6 @@ def test_head_is_finite_and_shaped(variant, blobs):
     assert result.predict(blobs.features).shape == (blobs.num_examples,)
 
 
-def _event_from_ledger(releases) -> events.DpEvent:
-    parts = []
-    for release in releases:
-        part = events.GaussianDpEvent(release.noise_multiplier)
-        if release.sampling_probability < 1:
-            part = events.PoissonSampledDpEvent(release.sampling_probability, part)
-        parts.append(part)
-    return events.ComposedDpEvent(parts)
-
-
 @variants
 def test_what_fit_releases_is_what_the_event_accounts(variant, blobs):
     """Rebuild the event from the releases actually made: a release counted once too few, or a noise
@@ -92,7 +82,7 @@ def test_what_fit_releases_is_what_the_event_accounts(variant, blobs):
     assert releaser.releases, "a private method must release something"
     for accountant in ("pld", "rdp"):
         claimed = accounting.epsilon(method.dp_event(scale, blobs.num_examples), 1e-5, accountant)
-        ledger = accounting.epsilon(_event_from_ledger(releaser.releases), 1e-5, accountant)
+        ledger = accounting.epsilon(accounting.ledger_event(releaser.releases), 1e-5, accountant)
         assert ledger == pytest.approx(claimed, rel=1e-6, abs=1e-9)
 
 

@@ -42,9 +42,11 @@ def test_released_statistics_move_at_most_their_sensitivity(variant, datasets, n
     name, hp = variant
     hp = {**hp, "normalize": normalize, "clip_norm": 0.7}
     smaller, larger = datasets
-    _, first = run_recorded(name, hp, smaller, noise_scale=1.0, seed=3)
-    # Replay the first run's outputs so both runs see the same public state W_t at every step.
-    _, second = run_recorded(name, hp, larger, noise_scale=1.0, seed=3, replay=first.released)
+    # Both runs compute with one public count (a fit's released ñ), and the second replays the first's
+    # outputs, so both see the same public state W_t at every step: only the data differ.
+    public = smaller.num_examples
+    _, first = run_recorded(name, hp, smaller, noise_scale=1.0, seed=3, public_count=public)
+    _, second = run_recorded(name, hp, larger, noise_scale=1.0, seed=3, replay=first.released, public_count=public)
     assert [r.name for r in first.releases] == [r.name for r in second.releases]
     for record, a, b in zip(first.releases, first.clean, second.clean):
         assert release_change(record, a, b) <= record.sensitivity * (1 + 1e-5) + 1e-6, record

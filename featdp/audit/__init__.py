@@ -13,7 +13,8 @@ A lower bound above the claim proves the implementation wrong; one below it is n
 from featdp.audit.canary import SCORES, AuditResult, canary_audit
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.one_run import one_run_audit
-from featdp.audit.whitebox import Check, WhiteBoxResult, ledger_event, white_box_audit
+from featdp.accounting import ledger_event
+from featdp.audit.whitebox import Check, WhiteBoxResult, white_box_audit
 
 __all__ = [
     "SCORES", "AuditData", "AuditResult", "Check", "WhiteBoxResult", "canary_audit", "claimed_noise_scale",

@@ -2,7 +2,7 @@
 
 In trial t (of M) the canary C·e_f (DESIGN §2's worst case: a direction the other examples leave unused)
 is included iff t is even; the method's own `fit` runs at the noise scale `featdp fit` would calibrate for
-the claimed (ε, δ), with key fold_in(root, t) through the given releaser, and the canary is scored. If
+the claimed (ε, δ), with the key child(root, t) through the given releaser, and the canary is scored. If
 the method is (ε, δ)-DP, any test separating the two score samples has TPR ≤ e^ε·FPR + δ; Clopper–Pearson
 intervals on TPR and FPR at every threshold (Bonferroni-corrected; `jax_privacy.auditing`) turn the
 samples into an ε that the method's true ε exceeds with probability ≥ `confidence` (Jagielski et al.
@@ -15,7 +15,6 @@ import dataclasses
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 from jax_privacy import auditing
 
@@ -23,7 +22,7 @@ from featdp import accounting
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.recording import Recorder, replay_contributions
 from featdp.audit.scores import head_margins, release_scores
-from featdp.mechanism import Releaser, make_key
+from featdp.mechanism import Releaser, ReleaserInterface, RootKey, make_key
 from featdp.methods import Method
 
 SCORES = ("releases", "head")
@@ -80,7 +79,7 @@ def canary_audit(
     seed: int | None = None,
     confidence: float = 0.95,
     score: str = "releases",
-    releaser: Callable[[jax.Array], Releaser] = Releaser,
+    releaser: Callable[[RootKey], ReleaserInterface] = Releaser,
     data: AuditData = AuditData(),
     accountant: str = "pld",
 ) -> AuditResult:
@@ -97,14 +96,14 @@ def canary_audit(
         worlds[included] = data.training_data(method, np.arange(1), np.array([included]))
         n = worlds[included].num_examples
         alone[included] = data.canaries_alone(method, 1, n)
-        scales[included] = claimed_noise_scale(method, epsilon, delta, n, accountant)
+        scales[included] = claimed_noise_scale(method, epsilon, delta, worlds[included].public_size, accountant)
     label = data.canaries(1, method.clip_norm)[1]
-    root, _ = make_key(seed)
+    root = make_key(seed)
     scores = {False: [], True: []}
     ratio, post_processing = 0.0, True
     for trial in range(trials):
         included = trial % 2 == 0
-        recorder = Recorder(releaser(jax.random.fold_in(root, trial)))
+        recorder = Recorder(releaser(root.child("trial", trial)))
         weights = method.fit(worlds[included], scales[included], recorder)
         if score == "head":
             scores[included].append(head_margins(weights, method.clip_norm, data.base_dim, label)[0])

@@ -59,7 +59,7 @@ class AuditData:
         canary_x, canary_y = self.canaries(len(canaries), method.clip_norm)
         x, y = self.others(canary_x.shape[1])
         return _data(method, np.concatenate([x, canary_x[include]]), np.concatenate([y, canary_y[include]]),
-                     self.num_classes)
+                     self.num_classes, self.num_examples)
 
     def canaries_alone(self, method: Method, count: int, num_examples: int) -> TrainingData:
         """All `count` canaries after zero rows, `num_examples` rows in all: fitted on the transcript of a
@@ -70,11 +70,14 @@ class AuditData:
         zeros = np.zeros((num_examples - count, canary_x.shape[1]), np.float32)
         labels = np.arange(num_examples - count) % self.num_classes
         return _data(method, np.concatenate([zeros, canary_x]), np.concatenate([labels, canary_y]),
-                     self.num_classes)
+                     self.num_classes, self.num_examples)
 
 
-def _data(method: Method, features, labels, num_classes) -> TrainingData:
-    return TrainingData(ArraySource(features, labels, num_classes), method.preprocessing())
+def _data(method: Method, features, labels, num_classes, public_count: int) -> TrainingData:
+    # Every world of one audit computes with the same public count, as a real fit uses its released ñ
+    # whether or not the canary is in: the audit examines the method's releases given that count.
+    return TrainingData(ArraySource(features, labels, num_classes), method.preprocessing(),
+                        public_num_examples=public_count)
 
 
 def claimed_noise_scale(method: Method, epsilon: float, delta: float, num_examples: int,

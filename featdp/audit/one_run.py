@@ -13,7 +13,6 @@ import secrets
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 from jax_privacy import auditing
 
@@ -21,7 +20,7 @@ from featdp.audit.canary import AuditResult, check_audit_arguments
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.recording import Recorder, replay_contributions
 from featdp.audit.scores import head_margins, release_scores
-from featdp.mechanism import Releaser, make_key
+from featdp.mechanism import Releaser, ReleaserInterface, RootKey, make_key
 from featdp.methods import Method
 
 
@@ -34,7 +33,7 @@ def one_run_audit(
     seed: int | None = None,
     confidence: float = 0.95,
     score: str = "releases",
-    releaser: Callable[[jax.Array], Releaser] = Releaser,
+    releaser: Callable[[RootKey], ReleaserInterface] = Releaser,
     data: AuditData = AuditData(),
     accountant: str = "pld",
 ) -> AuditResult:
@@ -50,9 +49,8 @@ def one_run_audit(
         include[0] = not include[0]
     train = data.training_data(method, np.arange(canaries), include)
     n = train.num_examples
-    scale = claimed_noise_scale(method, epsilon, delta, n, accountant)
-    root, _ = make_key(seed)
-    recorder = Recorder(releaser(root))
+    scale = claimed_noise_scale(method, epsilon, delta, train.public_size, accountant)
+    recorder = Recorder(releaser(make_key(seed)))
     weights = method.fit(train, scale, recorder)
     labels = data.canaries(canaries, method.clip_norm)[1]
     ratio = post_processing = None

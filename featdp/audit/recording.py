@@ -1,4 +1,5 @@
-"""Two stand-ins for a `Releaser` that let an audit see a fit's transcript.
+"""Two stand-ins for a `Releaser` (both implement `mechanism.ReleaserInterface`) that let an audit, and
+the tests, see a fit's transcript.
 
 * `Recorder` wraps a real releaser (the project's, or a test's deliberately broken one): every call goes
   through it unchanged, and the clean statistic and the released one are kept side by side.
@@ -13,13 +14,13 @@ from typing import Iterable
 
 import numpy as np
 
-from featdp.mechanism import Release, Releaser
+from featdp.mechanism import Release, ReleaserInterface, independent_coordinates
 
 
 class Recorder:
     """Forwards every release to `inner` and records (clean value, released value)."""
 
-    def __init__(self, inner: Releaser):
+    def __init__(self, inner: ReleaserInterface):
         self._inner = inner
         self.clean: list[np.ndarray] = []
         self.released: list[np.ndarray] = []
@@ -50,14 +51,17 @@ class Recorder:
 class Replay:
     """Returns the recorded `outputs` of another fit, release by release, and keeps the clean statistics.
 
-    Every row is sampled: on the canaries-alone data this gives each canary's contribution as if it had
-    been drawn into the batch, which is what an attacker who does not know the secret sample assumes.
+    Without `masks`, every row is sampled: on the canaries-alone data this gives each canary's
+    contribution as if it had been drawn into the batch, which is what an attacker who does not know the
+    secret sample assumes. With `masks` (a releaser), its Poisson masks are used.
     """
 
-    def __init__(self, outputs: list[np.ndarray]):
+    def __init__(self, outputs: list[np.ndarray], masks: ReleaserInterface | None = None):
         self._outputs = outputs
+        self._masks = masks
         self.clean: list[np.ndarray] = []
         self.names: list[str] = []
+        self.releases: list[Release] = []  # as declared; nothing is noised here
 
     def _next(self, name: str, clean: np.ndarray) -> np.ndarray:
         index = len(self.clean)
@@ -70,13 +74,24 @@ class Replay:
         self.names.append(name)
         return out
 
+    def _declare(self, name, shape, *, sensitivity, noise_multiplier, symmetric=False, sampling_probability=1.0,
+                 step=None):
+        self.releases.append(Release(name, tuple(shape), float(sensitivity), float(noise_multiplier), symmetric,
+                                     float(sampling_probability), step,
+                                     independent_coordinates(tuple(shape), symmetric)))
+
     def release(self, name: str, value: np.ndarray, **kwargs) -> np.ndarray:
-        return self._next(name, np.asarray(value, np.float64)).copy()
+        value = np.asarray(value, np.float64)
+        self._declare(name, value.shape, **kwargs)
+        return self._next(name, value).copy()
 
     def release_stack(self, name: str, values: Iterable[np.ndarray], shape: tuple[int, ...], **kwargs):
+        self._declare(name, shape, **kwargs)
         return iter(self._next(name, np.stack([np.asarray(v, np.float64) for v in values])).copy())
 
     def poisson_mask(self, step: int, block: int, rows: int, probability: float) -> np.ndarray:
+        if self._masks is not None:
+            return self._masks.poisson_mask(step, block, rows, probability)
         return np.ones(rows, dtype=bool)
 
 

@@ -19,16 +19,14 @@ import dataclasses
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 import scipy.stats
-from dp_accounting import dp_event as events
 
 from featdp import accounting
 from featdp.audit.canary import check_audit_arguments
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.recording import Recorder, independent_entries
-from featdp.mechanism import Release, Releaser, make_key
+from featdp.mechanism import Release, Releaser, ReleaserInterface, RootKey, make_key
 from featdp.methods import Method
 
 # ε of the ledger may exceed the calibrated claim by the accountants' own rounding, no more.
@@ -70,7 +68,7 @@ def white_box_audit(
     trials: int = 200,
     seed: int | None = None,
     significance: float = 1e-3,
-    releaser: Callable[[jax.Array], Releaser] = Releaser,
+    releaser: Callable[[RootKey], ReleaserInterface] = Releaser,
     data: AuditData = AuditData(),
     accountant: str = "pld",
 ) -> WhiteBoxResult:
@@ -80,12 +78,12 @@ def white_box_audit(
         raise accounting.PrivacyParameterError(f"significance must lie in (0, 1), got {significance!r}")
     start = time.perf_counter()
     train = data.training_data(method, np.arange(1), np.array([True]))
-    scale = claimed_noise_scale(method, epsilon, delta, train.num_examples, accountant)
-    root, _ = make_key(seed)
+    scale = claimed_noise_scale(method, epsilon, delta, train.public_size, accountant)
+    root = make_key(seed)
     records: list[Release] | None = None
     noise: list[list[np.ndarray]] = []  # [release][trial]: standardized noise, full shape
     for trial in range(trials):
-        recorder = Recorder(releaser(jax.random.fold_in(root, trial)))
+        recorder = Recorder(releaser(root.child("trial", trial)))
         method.fit(train, scale, recorder)
         layout = [(r.name, r.shape, r.symmetric) for r in recorder.releases]
         if records is None:
@@ -180,21 +178,8 @@ def _fit_checks(records, noise) -> list[Check]:
     return [Check("fits", "", p, f"correlation between consecutive fits {worst:.4f}")]
 
 
-def ledger_event(records: list[Release]) -> events.DpEvent:
-    """The composition of the releases one fit made, as declared: each a Gaussian with its noise
-    multiplier (over its sensitivity), Poisson-subsampled at its rate; identical releases grouped."""
-    counts = collections.Counter((r.noise_multiplier, r.sampling_probability) for r in records)
-    parts = []
-    for (sigma, q), count in counts.items():
-        part: events.DpEvent = events.GaussianDpEvent(sigma)
-        if q < 1:
-            part = events.PoissonSampledDpEvent(q, part)
-        parts.append(events.SelfComposedDpEvent(part, count) if count > 1 else part)
-    return events.ComposedDpEvent(parts)
-
-
 def _ledger_check(records, epsilon: float, delta: float, accountant: str) -> Check:
-    spent = accounting.epsilon(ledger_event(records), delta, accountant)
+    spent = accounting.epsilon(accounting.ledger_event(records), delta, accountant)
     ok = spent <= epsilon * (1 + LEDGER_TOLERANCE)
     return Check("ledger", "", 1.0 if ok else 0.0,
                  f"{len(records)} releases compose to ε = {spent:.4f} (claimed {epsilon:g})", ok)

@@ -2,7 +2,9 @@
 
 A method is one file: a frozen dataclass of public hyperparameters, a pure ``dp_event(noise_scale, n)``
 describing its releases, and ``fit(data, noise_scale, releaser)`` that returns the head W (d×K). Data and
-the randomness come in as arguments; nothing random is stored on the method.
+the randomness come in as arguments; nothing random is stored on the method. The n a method may use —
+in its event, its defaults and its arithmetic — is public: `data.public_size`, the released count in a
+fit (the true n differs between add-or-remove neighbours and is never used).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from dp_accounting import dp_event as events
 
 from featdp.data import Preprocessing, TrainingData
-from featdp.mechanism import Releaser
+from featdp.mechanism import ReleaserInterface
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -43,7 +45,7 @@ class Method:
     def dp_event(self, noise_scale: float, num_examples: int) -> events.DpEvent:
         raise NotImplementedError
 
-    def fit(self, data: TrainingData, noise_scale: float, releaser: Releaser) -> np.ndarray:
+    def fit(self, data: TrainingData, noise_scale: float, releaser: ReleaserInterface) -> np.ndarray:
         raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -83,14 +83,14 @@ class DPFC(Method):
         return self.lam_scale * (linalg.noise_spectral_scale(dim, sigma_f * c2) + 1e-4 * num_examples * c2 / dim)
 
     def fit(self, data, noise_scale, releaser):
-        sigma_f, sigma_g, q = self.noise_multipliers(noise_scale, data.num_examples)
+        sigma_f, sigma_g, q = self.noise_multipliers(noise_scale, data.public_size)
         c = data.clip_norm
         covariance, _ = stats.second_moments(data)
         covariance = releaser.release(
             "covariance", covariance, sensitivity=c**2, noise_multiplier=sigma_f, symmetric=True
         )
         precondition = linalg.psd_ridge_inverse(
-            covariance, self.ridge(sigma_f, data.feature_dim, data.num_examples)
+            covariance, self.ridge(sigma_f, data.feature_dim, data.public_size)
         )
         optimizer = optax.sgd(self.lr, momentum=self.momentum or None)
         weights = jnp.zeros((data.feature_dim, data.num_classes), jnp.float32)
@@ -100,7 +100,7 @@ class DPFC(Method):
                 data, np.asarray(weights), releaser, step=step, grad_clip=self.grad_clip or c,
                 noise_multiplier=sigma_g, sampling_probability=q,
             )
-            direction = precondition(mean_gradient * data.num_examples)
+            direction = precondition(mean_gradient * data.public_size)
             updates, state = optimizer.update(jnp.asarray(direction, jnp.float32), state, weights)
             weights = optax.apply_updates(weights, updates)
         return np.asarray(weights, np.float64)

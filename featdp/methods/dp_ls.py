@@ -65,5 +65,5 @@ class DPLeastSquares(Method):
         c = data.clip_norm
         gram = releaser.release("gram", gram, sensitivity=c**2, noise_multiplier=sigma_a, symmetric=True)
         cross = releaser.release("class_sums", cross, sensitivity=c, noise_multiplier=sigma_b)
-        lam = self.ridge(noise_scale, data.feature_dim, data.num_examples)
+        lam = self.ridge(noise_scale, data.feature_dim, data.public_size)
         return linalg.psd_ridge_solve(gram, lam, cross)

@@ -69,7 +69,7 @@ class DPNewton(Method):
         lam = self.lam
         if lam is None:
             lam = self.lam_scale * (
-                linalg.noise_spectral_scale(d, sigma_h * hessian_sensitivity) + 1e-4 * data.num_examples * c**2 / (4 * d)
+                linalg.noise_spectral_scale(d, sigma_h * hessian_sensitivity) + 1e-4 * data.public_size * c**2 / (4 * d)
             )
         weights = np.zeros((d, k))
         for step in range(self.steps):

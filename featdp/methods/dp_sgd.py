@@ -83,7 +83,7 @@ class DPSGD(Method):
         return optax.sgd(self.lr, momentum=self.momentum or None)
 
     def fit(self, data, noise_scale, releaser):
-        sigma, q = self.step_noise(noise_scale, data.num_examples)
+        sigma, q = self.step_noise(noise_scale, data.public_size)
         grad_clip = self.grad_clip or data.clip_norm
         optimizer = self.make_optimizer()
         weights = jnp.zeros((data.feature_dim, data.num_classes), jnp.float32)
