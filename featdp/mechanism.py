@@ -215,7 +215,8 @@ class Releaser:
 
     @staticmethod
     def _noise(key: RootKey, shape: tuple[int, ...], record: Release) -> np.ndarray:
-        """Integer noise in grid units, one independent draw per entry of `shape`."""
+        """Integer noise in grid units, one independent draw per independent entry: `shape` is the
+        statistic's own, or (..., d(d+1)/2) for the upper triangles of a symmetric one."""
         return integer_noise(key, math.prod(shape), record.grid_scale).reshape(shape)
 
 
@@ -239,12 +240,11 @@ def integer_noise(key: RootKey, count: int, scale: float) -> np.ndarray:
 
 
 def _independent(value: np.ndarray, symmetric: bool) -> np.ndarray:
-    """The independent entries of a statistic: its upper triangle(s) for a symmetric one."""
+    """The independent entries of a statistic: itself, or its upper triangle(s) (..., d(d+1)/2) if symmetric."""
     if not symmetric:
-        return value.reshape(-1)
-    d = value.shape[-1]
-    rows, cols = np.triu_indices(d)
-    return value[..., rows, cols].reshape(-1)
+        return value
+    rows, cols = np.triu_indices(value.shape[-1])
+    return value[..., rows, cols]
 
 
 def _assemble(flat: np.ndarray, shape: tuple[int, ...], symmetric: bool) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -32,7 +31,7 @@ class QuarterNoise(Releaser):
 
     @staticmethod
     def _noise(key, shape, record):
-        return Releaser._noise(key, shape, record) / 4
+        return Releaser._noise(key, shape, record) // 4
 
 
 class SharedAcrossClasses(Releaser):
@@ -48,8 +47,16 @@ class SharedAcrossClasses(Releaser):
     def release_stack(self, name, values, shape, *, sensitivity, noise_multiplier, symmetric=False, step=None):
         record, key = self._record(name, shape, sensitivity, noise_multiplier, symmetric, 1.0, step)
         for value in values:
-            value = np.asarray(value, np.float64)
-            yield value + self._noise(key, value.shape, record)
+            yield self._noisy(key, np.asarray(value, np.float64), record)
+
+
+class TruncatedTails(Releaser):
+    """Noise cut at ±3σ, as a sampler with too few bits cuts it (at a point this sample size can see)."""
+
+    @staticmethod
+    def _noise(key, shape, record):
+        limit = int(3 * record.grid_scale)
+        return np.clip(Releaser._noise(key, shape, record), -limit, limit)
 
 
 class OneKeyForAllReleases(Releaser):
@@ -166,10 +173,17 @@ def test_white_box_catches_quarter_noise_and_noise_shared_by_classes(name):
     assert "classes" in _failed(shared), shared.failures()
 
 
+def test_white_box_catches_a_sampler_with_cut_tails():
+    method = get_method("dp-ls")
+    assert "tails" in _failed(white_box_audit(method, 1.0, 1e-5, trials=200, seed=7, releaser=TruncatedTails))
+    honest = white_box_audit(method, 1.0, 1e-5, trials=200, seed=7)
+    assert honest.passed and {c.kind for c in honest.checks} >= {"tails"}
+
+
 def test_white_box_catches_noise_reused_across_steps_and_fits():
     method = get_method("dp-sgd", steps=3)
     assert "steps" in _failed(white_box_audit(method, 1.0, 1e-5, trials=30, seed=8, releaser=OneKeyForAllReleases))
-    same_key = white_box_audit(method, 1.0, 1e-5, trials=30, seed=8, releaser=lambda key: Releaser(jax.random.key(0)))
+    same_key = white_box_audit(method, 1.0, 1e-5, trials=30, seed=8, releaser=lambda key: Releaser(mechanism.make_key(0)))
     assert "fits" in _failed(same_key)
 
 
@@ -181,7 +195,7 @@ def test_white_box_ledger_catches_a_composition_counted_once():
 
 
 def test_ledger_event_groups_identical_releases():
-    releaser = Releaser(jax.random.key(0))
+    releaser = Releaser(mechanism.make_key(0))
     for step in range(3):
         releaser.release("g", np.zeros(2), sensitivity=1.0, noise_multiplier=2.0, sampling_probability=0.1, step=step)
     releaser.release("f", np.zeros(2), sensitivity=1.0, noise_multiplier=5.0)
@@ -218,7 +232,7 @@ def test_cli_prints_the_bound_next_to_the_claim_and_exits_0():
 
 def test_cli_exits_1_when_the_bound_exceeds_the_claim(monkeypatch):
     original = mechanism.Releaser._noise
-    monkeypatch.setattr(mechanism.Releaser, "_noise", staticmethod(lambda *args: original(*args) / 4))
+    monkeypatch.setattr(mechanism.Releaser, "_noise", staticmethod(lambda *args: original(*args) // 4))
     result = invoke("--method", "dp-sgd", "--set", "grad_clip=0.5", "--eps", 2, "--trials", 1000, "--seed", 5,
                     "--mode", "one-run")
     assert result.exit_code == 1, result.output

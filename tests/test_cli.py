@@ -39,11 +39,15 @@ def test_fit_writes_a_loadable_head_and_a_complete_report(features, tmp_path):
     assert head["weights"].shape == (8, 3)
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["method"] == "dp-ls" and report["hyperparameters"]["lam"] == 5.0
-    assert report["epsilon"] <= 2.0 and report["delta"] == 1e-6 and report["noise_seeded"] is True
-    assert [r["name"] for r in report["releases"]] == ["gram", "class_sums"]
+    assert report["epsilon"] <= 2.0 and report["delta"] <= 1e-6 and report["noise_seeded"] is True
+    assert report["target_delta"] == 1e-6 and report["sampler"]["epsilon_slack"] < 1e-6
+    assert [r["name"] for r in report["releases"]] == ["num_examples", "gram", "class_sums"]
     assert all(r["sensitivity"] > 0 and r["noise_multiplier"] > 0 for r in report["releases"])
     assert report["dp_event"]["event"] == "ComposedDpEvent"
-    assert len(report["input_sha256"]) == 64 and report["num_examples"] == 200
+    # n is private: the report carries only the released count, and says what was public.
+    assert "num_examples" not in report and abs(report["num_examples_released"] - 200) < 100
+    assert set(report["public"]) >= {"num_examples", "classes"} and all(r["grid"] > 0 for r in report["releases"])
+    assert len(report["input_sha256"]) == 64
     assert report["featdp_version"] and "seed_warning" in report and 0 <= report["test_accuracy"] <= 1
 
 

@@ -3,6 +3,9 @@
 For every release the noise is released − clean (read through a `Recorder`), divided by its declared
 std σ·Δ. Checks, each a p-value, all Bonferroni-corrected together at `significance`:
 * scale     per release name, the standardized noise is N(0, 1) (Kolmogorov–Smirnov);
+* tails     over all releases, the counts of |noise| beyond 2.5σ, 3σ and 4σ are the Gaussian's (binomial test):
+            a sampler that cuts or thins its tails fails (a cut at 5.2σ is invisible at this sample size;
+            `benchmarks/sampler_tails.py` counts 10⁹ draws for that);
 * classes   per release with a class axis, the noise of any two classes is uncorrelated;
 * steps     per release name made more than once in a fit, the noise of any two steps is uncorrelated;
 * fits      the noise of consecutive fits is uncorrelated (no key reused across fits);
@@ -35,7 +38,7 @@ LEDGER_TOLERANCE = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    kind: str  # scale, classes, steps, fits, ledger
+    kind: str  # scale, tails, classes, steps, fits, ledger
     release: str  # the release name, or "" for checks over the whole fit
     p_value: float
     detail: str
@@ -95,6 +98,7 @@ def white_box_audit(
             noise[j].append((out - clean) / record.noise_std)
     checks = (
         _scale_checks(records, noise)
+        + _tail_checks(records, noise)
         + _class_checks(records, noise, data.num_classes)
         + _step_checks(records, noise)
         + _fit_checks(records, noise)
@@ -125,6 +129,22 @@ def _scale_checks(records, noise) -> list[Check]:
         p = scipy.stats.kstest(sample, "norm").pvalue
         checks.append(Check("scale", name, float(p), f"std of noise / declared σ·Δ = {sample.std():.4f} "
                                                      f"over {sample.size} draws"))
+    return checks
+
+
+TAIL_THRESHOLDS = (2.5, 3.0, 4.0)
+
+
+def _tail_checks(records, noise) -> list[Check]:
+    sample = np.abs(np.concatenate([_flat(record, draws).ravel() for record, draws in zip(records, noise)]))
+    checks = []
+    for threshold in TAIL_THRESHOLDS:
+        beyond = int(np.count_nonzero(sample > threshold))
+        expected = 2 * scipy.stats.norm.sf(threshold)
+        p = scipy.stats.binomtest(beyond, sample.size, expected).pvalue
+        checks.append(Check("tails", f">{threshold:g}σ", float(p),
+                            f"{beyond} of {sample.size} draws beyond {threshold:g}σ (expected "
+                            f"{expected * sample.size:.1f}); largest {sample.max():.2f}σ"))
     return checks
 
 

@@ -23,7 +23,7 @@ class DPFC(Method):
     * covariance    F = Σ x xᵀ, once                          Δ = C² (upper triangle)  σ_F = r·σ_G
     * gradient_sum  Σ_{i∈S_t} clip_{C_g}(x_i (p_i − e_{y_i})ᵀ), per step   Δ = C_g     σ_G
       full batch: σ_G = s·√(r⁻² + steps), so everything composes to one Gaussian with σ_eff = s;
-      Poisson (batch_size = B, q = B/n): σ_G = s, the subsampled sum is scaled by 1/q, and the steps
+      Poisson (batch_size = B, q = B/ñ, ñ the released count): σ_G = s, the subsampled sum is scaled by 1/q, and the steps
       are accounted as SelfComposed(PoissonSampled(q, Gaussian(s)), steps).
     The same F̃ preconditions every class and every step (post-processing).
 

@@ -25,7 +25,7 @@ class DPLeastSquares(Method):
     Defaults (data-independent): gram_share = 0.5 — A's error enters the solve through a regularized
     inverse and B's error directly, and equal shares were within noise of the best split on the
     synthetic and digits checks; lam = √d·σ_A·C², the scale of the noise eigenvalues that survive the
-    PSD projection, plus a floor of 1e-4·n·C²/d so the noise-free limit is well posed.
+    PSD projection, plus a floor of 1e-4·ñ·C²/d (ñ the released count) so the noise-free limit is well posed.
     """
 
     name = "dp-ls"

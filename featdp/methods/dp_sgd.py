@@ -24,7 +24,7 @@ class DPSGD(Method):
     * gradient_sum  Σ_{i∈S_t} clip_{C_g}(x_i (p_i − e_{y_i})ᵀ)   Δ = C_g
       full batch (batch_size unset): S_t = all examples, σ = s·√steps, so the T releases compose to one
       Gaussian with σ_eff = s;
-      Poisson (batch_size = B): each example in S_t with q = B/n, σ = s; accounted as
+      Poisson (batch_size = B): each example in S_t with q = B/ñ (ñ the released count), σ = s; accounted as
       SelfComposed(PoissonSampled(q, Gaussian(s)), steps) — PLD is the tight accountant there.
 
     Defaults: one full-batch step (the paper's setting): W₀ = 0 makes every p_i = 1/K, so the step is a

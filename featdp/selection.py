@@ -1,0 +1,796 @@
+"""Private hyperparameter selection by random stopping (Papernot & Steinke 2022), accounted in Rényi DP.
+
+`select` chooses a method and its hyperparameters on the private training split, and the choice is part
+of what the privacy report covers (`featdp.bench.tuning` is the non-private oracle, kept for comparison).
+
+The algorithm, in the order it runs:
+1. Count. ñ is released first, exactly as `training.fit` does (`COUNT_SHARE` of ε, and of δ when δ is
+   given; the default δ comes from ñ). Everything that needs n uses ñ.
+2. Split. An example goes to the validation part iff the first 8 bytes of
+   BLAKE2b(key = `SPLIT_KEY`, its float32 features (little-endian bytes) ‖ its int64 label), read as a
+   little-endian integer, fall below ⌊0.1·2⁶⁴⌋: about `VALIDATION_FRACTION` of the rows. The rule looks at
+   each example alone, so adding or removing one example changes that example's membership and no
+   other's (a split by row index would move every later row). The key is public and fixed; the rule
+   needs no secret. The parts' public sizes are ñ_fit = 0.9·ñ and ñ_val = 0.1·ñ (functions of ñ).
+3. Runs. The number of runs K is drawn from a truncated negative binomial distribution (K ≥ 1) with mean R
+   and shape η (`RunsDistribution`; default η = 1, the geometric distribution); the draw is exact up to
+   2⁻¹²⁸ (inverse CDF over 128-bit uniforms from the run's AES stream, CDF from mpmath at 60 digits).
+   Each run draws a candidate uniformly from the grid (another AES stream), fits it on the fit part with
+   its own key (root.child("run", i)) and releases its score on the validation part:
+   #correct + Gaussian noise (Δ = 1, multiplier σ_run).
+4. Domination. Every run is dominated in RDP, at every order of the RDP accountant, by one Gaussian
+   mechanism of multiplier σ_run: the score is exactly that Gaussian, and each candidate's noise scale
+   is the smallest (to 1e-4) for which its `dp_event` has RDP ≤ α/(2σ_run²) at every order α (full-batch
+   methods: the scale is σ_run, their event is one Gaussian of σ_eff = scale; Poisson-subsampled ones:
+   a bisection on dp-accounting's RDP curve). A neighbour's extra example lies in exactly one part, so a
+   run differs between neighbours either in its fit or in its score, never both (parallel composition):
+   its RDP is at most the larger of the two, i.e. at most the Gaussian's.
+5. Accounting. The selection is RepeatAndSelectDpEvent(GaussianDpEvent(σ_run), R, η), accounted by
+   dp-accounting's RDP accountant (Papernot–Steinke's Theorem 2), and σ_run is calibrated so that the
+   count and the selection (basic composition) plus the sampler's slack stay within the target.
+6. Output. The best run (highest noisy score; ties go to the earlier run, which for i.i.d. runs is a
+   uniformly random tie-break) — its head, its candidate and its noisy score — and nothing else.
+
+What is withheld, and why. The Papernot–Steinke bound is for a mechanism that outputs the best run only:
+K and the other runs' candidates and scores stay hidden (given K, the best of K runs costs up to K
+times one run). So the privacy report states the distribution of K, never K; the losing runs are kept
+in `SelectionResult.runs` for the caller, outside the guarantee, and are never written to the report.
+For the same reason the sampler's slack (`mechanism.sampling_slack`) is not computed from the noisy
+coordinates actually drawn, which grow with K: it is bounded in advance, with the coordinates of every
+grid candidate (a dry run that releases zeros, see `release_coordinates`) and a public cap k_max on K
+whose tail P(K > k_max) ≤ ρ is added to δ (see `_slack`).
+
+Limitations: the train split is held in memory (split into two parts); the geometric K has a long tail
+(P(K > 3R) ≈ e⁻³), so the running time varies from run to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import math
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import mpmath
+import numpy as np
+from absl import logging as absl_logging
+from dp_accounting import dp_event as events
+
+import featdp
+from featdp import accounting, integer_gaussian, linalg, mechanism, report as report_lib
+from featdp.accounting import PrivacyParameterError, PrivacyTarget
+from featdp.data import ArraySource, DataError, FrozenArraySource, RowSource, TrainingData
+from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
+from featdp.methods import HyperparameterError, Method, get_method, registry
+from featdp.randomness import BitStream, RootKey
+from featdp.training import COUNT_DELTA_WHEN_DEFAULT, COUNT_SHARE, SAMPLER_RESERVE, CountRelease, release_count
+
+__all__ = ["Run", "RunsDistribution", "SelectionError", "SelectionResult", "build_candidates",
+           "dominating_noise_scale", "in_validation", "parse_grid", "release_coordinates", "select",
+           "selection_report"]
+
+ACCOUNTANT = "rdp"  # Papernot–Steinke's bound is in Rényi DP; dp-accounting's PLD has no RepeatAndSelect
+DEFAULT_MEAN_RUNS = 10.0
+DEFAULT_SHAPE = 1.0  # geometric: K ≥ 1 always (a head comes out), and the cheapest K ≥ 1 law to explain
+
+VALIDATION_FRACTION = 0.1
+SPLIT_KEY = b"featdp selection split v1"  # public: the split is a fixed function of each example
+_SPLIT_THRESHOLD = int(VALIDATION_FRACTION * 2**64)
+
+DOMINATION_TOLERANCE = 1e-4  # a candidate's noise scale is the smallest dominated one to this relative step
+TAIL_SHARE = 1e-4  # ρ = P(K > k_max), as a share of δ after the count (times e^-ε)
+MAX_RUN_NOISE = 1e7  # above this, a run's score and head are pure noise: the target is too small
+
+_PRECISION_DIGITS = 60
+_UNIFORM_BITS = 128
+
+
+class SelectionError(ValueError):
+    """A bad argument to `select` (or `featdp tune`): the grid, the number of runs, the methods."""
+
+
+# --------------------------------------------------------------------------------------------------- split
+
+
+def in_validation(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row: whether the example goes to the validation part (module docstring, step 2)."""
+    features = np.ascontiguousarray(np.asarray(features, dtype="<f4"))
+    labels = np.asarray(labels).astype("<i8")
+    out = np.empty(len(labels), dtype=bool)
+    for i in range(len(labels)):
+        digest = hashlib.blake2b(features[i].tobytes() + labels[i].tobytes(), digest_size=8, key=SPLIT_KEY).digest()
+        out[i] = int.from_bytes(digest, "little") < _SPLIT_THRESHOLD
+    return out
+
+
+def split_parts(source: RowSource) -> tuple[FrozenArraySource, FrozenArraySource]:
+    """(fit part, validation part) of `source`, by `in_validation`."""
+    fit_x, fit_y, val_x, val_y = [], [], [], []
+    for x, y in source.blocks():
+        mask = in_validation(x, y)
+        fit_x.append(x[~mask])
+        fit_y.append(y[~mask])
+        val_x.append(x[mask])
+        val_y.append(y[mask])
+    d, k = source.feature_dim, source.num_classes
+
+    def part(xs, ys):
+        features = np.concatenate(xs) if xs else np.zeros((0, d), np.float32)
+        labels = np.concatenate(ys) if ys else np.zeros((0,), np.int64)
+        return FrozenArraySource(features, labels, k)
+
+    return part(fit_x, fit_y), part(val_x, val_y)
+
+
+# ------------------------------------------------------------------------------------------ number of runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsDistribution:
+    """The law of K: truncated negative binomial on {1, 2, ...} with mean `mean` and shape η = `shape`,
+
+        P(K = k) = C(k + η − 1, k)·(1 − γ)^k / (γ^−η − 1)     (η > 0; η = 1: geometric, γ(1 − γ)^(k−1)),
+        P(K = k) = (1 − γ)^k / (k·log(1/γ))                   (η = 0: logarithmic),
+
+    with γ ∈ (0, 1] solving E[K] = mean: dp-accounting's `RepeatAndSelectDpEvent(event, mean, shape)`
+    for finite shape. (Its shape = ∞, Poisson, allows K = 0 — no run, no head — and is not offered.)
+    """
+
+    mean: float
+    shape: float = DEFAULT_SHAPE
+
+    def __post_init__(self):
+        mean, shape = self.mean, self.shape
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not (math.isfinite(mean) and mean >= 1):
+            raise SelectionError(f"the mean number of runs must be a finite number >= 1, got {mean!r}")
+        if isinstance(shape, bool) or not isinstance(shape, (int, float)) or not (math.isfinite(shape) and shape >= 0):
+            raise SelectionError(
+                f"the shape of the number of runs must be a finite number >= 0 (1: geometric, 0: logarithmic), "
+                f"got {shape!r}"
+            )
+        object.__setattr__(self, "mean", float(mean))
+        object.__setattr__(self, "shape", float(shape))
+
+    def describe(self) -> str:
+        if self.shape == 1:
+            kind = "geometric (truncated negative binomial, shape 1)"
+        elif self.shape == 0:
+            kind = "logarithmic (truncated negative binomial, shape 0)"
+        else:
+            kind = f"truncated negative binomial, shape {self.shape:g}"
+        return f"{kind} on K >= 1, mean {self.mean:g}, gamma {float(self.gamma):.12g}"
+
+    def dp_event(self, run_event: events.DpEvent) -> events.RepeatAndSelectDpEvent:
+        return events.RepeatAndSelectDpEvent(run_event, self.mean, self.shape)
+
+    @functools.cached_property
+    def gamma(self) -> mpmath.mpf:
+        """γ with E[K] = mean, to 60 digits (bisection: E[K] falls as γ rises)."""
+        with mpmath.workdps(_PRECISION_DIGITS):
+            if self.mean == 1:
+                return mpmath.mpf(1)
+            if self.shape == 1:
+                return 1 / mpmath.mpf(self.mean)
+            target, lo, hi = mpmath.mpf(self.mean), mpmath.mpf(0), mpmath.mpf(1)
+            for _ in range(4 * _PRECISION_DIGITS):
+                mid = (lo + hi) / 2
+                if self._mean_at(mid) > target:
+                    lo = mid
+                else:
+                    hi = mid
+            return (lo + hi) / 2
+
+    def _mean_at(self, gamma):
+        eta = mpmath.mpf(self.shape)
+        if eta == 0:
+            return (1 - gamma) / (gamma * mpmath.log(1 / gamma))
+        return eta * (1 - gamma) / (gamma * (1 - gamma**eta))
+
+    def _probabilities(self) -> Iterable[mpmath.mpf]:
+        """P(K = 1), P(K = 2), ... at 60 digits."""
+        with mpmath.workdps(_PRECISION_DIGITS):
+            gamma, eta = self.gamma, mpmath.mpf(self.shape)
+            if gamma == 1:
+                yield mpmath.mpf(1)
+                while True:
+                    yield mpmath.mpf(0)
+            if eta == 0:
+                p = (1 - gamma) / mpmath.log(1 / gamma)
+            else:
+                p = eta * (1 - gamma) / (gamma**-eta - 1)
+            k = 1
+            while True:
+                yield p
+                p = p * (1 - gamma) * (k + eta) / (k + 1)
+                k += 1
+
+    @functools.cached_property
+    def _thresholds(self) -> list[int]:
+        """T_k = ⌈P(K ≤ k)·2¹²⁸⌉ for k = 1, 2, ... up to the first T_k = 2¹²⁸: K = min{k : U < T_k}."""
+        scale = 2**_UNIFORM_BITS
+        out: list[int] = []
+        with mpmath.workdps(_PRECISION_DIGITS):
+            cdf = mpmath.mpf(0)
+            for p in self._probabilities():
+                cdf += p
+                out.append(min(scale, int(mpmath.ceil(cdf * scale))))
+                if out[-1] >= scale or 1 - cdf < mpmath.mpf(2) ** -(_UNIFORM_BITS + 8):
+                    out[-1] = scale
+                    return out
+
+    def pmf(self, k: int) -> float:
+        return float(next(itertools.islice(self._probabilities(), k - 1, None))) if k >= 1 else 0.0
+
+    def survival(self, k: int) -> float:
+        """P(K > k), rounded up to a float."""
+        with mpmath.workdps(_PRECISION_DIGITS):
+            rest = 1 - mpmath.fsum(itertools.islice(self._probabilities(), max(k, 0)))
+            return float(rest) * (1 + 2.0**-50)
+
+    def cap(self, tail: float) -> int:
+        """k_max: the smallest k with P(K > k) ≤ `tail`."""
+        with mpmath.workdps(_PRECISION_DIGITS):
+            cdf, k = mpmath.mpf(0), 0
+            for p in self._probabilities():
+                if 1 - cdf <= tail:
+                    return k
+                cdf += p
+                k += 1
+
+    @property
+    def sampling_error(self) -> float:
+        """A bound on the total variation between the law sampled and the exact law: each threshold is off
+        by < 2⁻¹²⁸ (rounding) plus the CDF's 60-digit error, and the mass past the table is < 2⁻¹³⁶."""
+        return (len(self._thresholds) + 1) * 2.0 ** -(_UNIFORM_BITS - 2)
+
+    def sample(self, stream: BitStream) -> int:
+        """K, by inverse CDF with a 128-bit uniform from `stream`."""
+        high, low = (int(w) for w in stream.words(2))
+        uniform = (high << 64) | low
+        thresholds = self._thresholds
+        lo, hi = 0, len(thresholds) - 1  # the first index with uniform < T
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if uniform < thresholds[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo + 1
+
+
+def uniform_index(stream: BitStream, size: int) -> int:
+    """An exactly uniform integer in [0, size), by rejection on 64-bit words."""
+    limit = 2**64 - (2**64 % size)
+    while True:
+        word = int(stream.words(1)[0])
+        if word < limit:
+            return word % size
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+
+def parse_grid(pairs: Sequence[str]) -> dict[str, list[str]]:
+    """``KEY=V1,V2`` strings → {key: [values]}; a malformed or empty entry is a `SelectionError`."""
+    grid: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SelectionError(f"--grid expects KEY=V1,V2,..., got {pair!r}")
+        values = [v.strip() for v in text.split(",")]
+        if not text.strip() or any(not v for v in values):
+            raise SelectionError(f"--grid {pair!r}: every value in the comma-separated list must be non-empty")
+        if key in grid:
+            raise SelectionError(f"--grid gives {key!r} twice; list all its values in one --grid {key}=V1,V2")
+        grid[key] = values
+    return grid
+
+
+def _method_class(name: str) -> type[Method]:
+    methods = registry()
+    if name not in methods:
+        raise HyperparameterError(f"unknown method {name!r}; available: {', '.join(sorted(methods))}")
+    cls = methods[name]
+    if not cls.private:
+        raise SelectionError(
+            f"method {name!r} is not private: tune selects among private methods only "
+            f"({', '.join(sorted(n for n, m in methods.items() if m.private))})"
+        )
+    return cls
+
+
+def build_candidates(methods: Sequence[str], grid: dict[str, list[str]] | None, public_fit_size: float) -> list[Method]:
+    """The candidates, in a fixed order: for each method, the Cartesian product of `grid` (every key must
+    be a hyperparameter of every method), or without a grid its `tuning_grid(ñ_fit)`. Duplicates are
+    dropped, so each distinct candidate is drawn with the same probability."""
+    if not methods:
+        raise SelectionError("give at least one --method to tune")
+    out: list[Method] = []
+    for name in dict.fromkeys(methods):
+        cls = _method_class(name)
+        if grid:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            for key in grid:
+                if key not in fields:
+                    raise HyperparameterError(
+                        f"--grid key {key!r} is not a hyperparameter of method {name!r}; valid: {', '.join(sorted(fields))}"
+                    )
+            keys = list(grid)
+            found = [cls.from_strings(dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+        else:
+            found = [get_method(name, **overrides) for overrides in cls.tuning_grid(public_fit_size)]
+        for method in found:
+            if method not in out:
+                out.append(method)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- domination
+
+
+def rdp_curve(event: events.DpEvent) -> tuple[np.ndarray, np.ndarray]:
+    """(orders, RDP at each order) of `event`, by the accountant that accounts the selection (its default
+    orders, ascending)."""
+    with _quiet_accountant():
+        accountant = accounting.make_accountant(ACCOUNTANT).compose(event)
+    return np.asarray(accountant.orders, dtype=np.float64), np.asarray(accountant.rdp, dtype=np.float64)
+
+
+def rdp_upper_curve(event: events.DpEvent) -> tuple[np.ndarray, np.ndarray]:
+    """`rdp_curve` with each order's value replaced by the least value at that order or any higher one.
+
+    Rényi divergence never decreases with the order, so this is still an upper bound, and it repairs
+    dp-accounting's fractional orders of Poisson-subsampled Gaussians near 1: there its series loses
+    precision (on a 293-step q = 0.14 recipe it states ε(1.1) ≈ 0.32 whatever the noise, above its own
+    exact value at order 2) or does not converge (it then gives ∞)."""
+    orders, rdp = rdp_curve(event)
+    return orders, np.minimum.accumulate(rdp[::-1])[::-1]
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    """dp-accounting logs a warning per order whose series does not converge; `rdp_upper_curve` copes."""
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
+@functools.lru_cache(maxsize=64)
+def gaussian_bound(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(orders, α/(2σ²)): the RDP curve every run must stay under."""
+    return rdp_curve(events.GaussianDpEvent(sigma))
+
+
+def is_dominated(event: events.DpEvent, sigma: float) -> bool:
+    """Whether `event`'s RDP (`rdp_upper_curve`) is ≤ that of a Gaussian with multiplier σ at every order
+    of the accountant."""
+    orders, bound = gaussian_bound(sigma)
+    event_orders, rdp = rdp_upper_curve(event)
+    return bool(np.array_equal(orders, event_orders) and np.all(rdp <= bound))
+
+
+def _without_sampling(event: events.DpEvent) -> events.DpEvent:
+    """`event` with each Poisson-sampled step replaced by its full-data mechanism."""
+    if isinstance(event, events.PoissonSampledDpEvent):
+        return _without_sampling(event.event)
+    if isinstance(event, events.SelfComposedDpEvent):
+        return events.SelfComposedDpEvent(_without_sampling(event.event), event.count)
+    if isinstance(event, events.ComposedDpEvent):
+        return events.ComposedDpEvent([_without_sampling(e) for e in event.events])
+    return event
+
+
+def dominating_noise_scale(method: Method, sigma: float, public_size: float) -> float:
+    """The smallest noise scale s (to `DOMINATION_TOLERANCE`) with `method.dp_event(s, ñ)` dominated by
+    Gaussian(σ) at every RDP order. Full-batch methods get s = σ (their event is one Gaussian with
+    σ_eff = s, up to float rounding); Poisson-subsampled ones less."""
+
+    def ok(scale: float) -> bool:
+        return is_dominated(method.dp_event(scale, public_size), sigma)
+
+    # The event without sampling has a closed-form σ_eff ∝ s, and sampling never raises RDP: start there.
+    unsampled = _without_sampling(method.dp_event(1.0, public_size))
+    exact = accounting.ExactGaussianAccountant()
+    if exact.supports(unsampled):
+        hi = sigma / exact.compose(unsampled).effective_sigma
+    else:
+        hi = sigma
+    while not ok(hi):
+        hi *= 2
+        if hi > MAX_RUN_NOISE * 1e3:
+            raise PrivacyParameterError(f"method {method.name!r}: no noise scale keeps its event under Gaussian({sigma:g})")
+    lo = hi / 2
+    while ok(lo):
+        hi, lo = lo, lo / 2
+        if lo < 1e-9 * sigma:
+            raise PrivacyParameterError(f"method {method.name!r} is dominated by Gaussian({sigma:g}) with no noise at all")
+    while hi > lo * (1 + DOMINATION_TOLERANCE):
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# ------------------------------------------------------------------------------------ coordinates and slack
+
+
+class _ZeroReleaser:
+    """Declares releases like a `Releaser` and returns zeros: a dry run that counts a fit's noisy
+    coordinates. Which statistics a method releases, and their shapes, depend on public values only."""
+
+    def __init__(self):
+        self.coordinates = 0
+        self.releases: list[Release] = []
+
+    def release(self, name, value, *, sensitivity, noise_multiplier, symmetric=False, sampling_probability=1.0,
+                step=None):
+        value = np.asarray(value, dtype=np.float64)
+        self.coordinates += independent_coordinates(value.shape, symmetric)
+        return np.zeros_like(value)
+
+    def release_stack(self, name, values, shape, *, sensitivity, noise_multiplier, symmetric=False, step=None):
+        self.coordinates += independent_coordinates(tuple(shape), symmetric)
+        return (np.zeros(np.shape(value), dtype=np.float64) for value in values)
+
+    def poisson_mask(self, step, block, rows, probability):
+        return np.ones(rows, dtype=bool)
+
+
+def release_coordinates(method: Method, feature_dim: int, num_classes: int, public_size: float) -> int:
+    """The noisy coordinates one fit of `method` draws on data of this shape (a dry run on one zero row).
+
+    The zero matrices it decomposes are the same for every candidate, so callers wrap a batch of dry runs
+    in `linalg.reusing_decompositions()`."""
+    source = ArraySource(np.zeros((1, feature_dim), np.float32), np.zeros(1, np.int64), num_classes)
+    releaser = _ZeroReleaser()
+    method.fit(TrainingData(source, method.preprocessing(), public_num_examples=public_size), 1.0, releaser)
+    return releaser.coordinates
+
+
+def _slack(coordinates: int, epsilon: float, delta: float, tail: float) -> tuple[float, float]:
+    """(ε', δ') of the selection as sampled, given (ε, δ) for the ideal mechanism, when outside an event of
+    probability ≤ `tail` (K > k_max, or the law of K sampled off) it draws ≤ `coordinates` noisy
+    coordinates. Splitting every probability over that event, as in `integer_gaussian.sampling_slack`:
+    Q_D(E) ≤ (1+η)^M P_D(E) + ρ, and P_D'(E) ≤ (1−η)^−M Q_D'(E) + M·t + ρ, so
+    ε' = ε + M·log((1+η)/(1−η)) and δ' = (1+η)^M (δ + e^ε (M·t + ρ)) + ρ."""
+    spent_epsilon, spent_delta = integer_gaussian.sampling_slack(coordinates, epsilon, delta + math.exp(epsilon) * tail)
+    return spent_epsilon, spent_delta + tail
+
+
+def _selection_delta(target: PrivacyTarget, count_delta: float, coordinates: int, tail: float) -> float:
+    """The largest δ for the selection (to a relative 1e-4) whose `_slack` with the count's δ stays within the
+    target, taking e^ε at the target ε (the ideal ε reached is at most that)."""
+    def spent(selection_delta):
+        return _slack(coordinates, target.epsilon, count_delta + selection_delta, tail)[1]
+
+    selection_delta = (target.delta - count_delta) * (1 - SAMPLER_RESERVE)
+    for _ in range(100):
+        over = spent(selection_delta) - target.delta
+        if over <= 0 or selection_delta <= 0:
+            break
+        selection_delta -= 1.01 * over + 1e-6 * selection_delta
+    return selection_delta
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of the selection. Only the best run is released; the others are outside the guarantee."""
+
+    index: int
+    method: Method
+    noise_scale: float
+    noisy_correct: float  # the released score: #correct on the validation part + noise
+    coordinates: int
+    seconds: float
+
+    def noisy_accuracy(self, public_validation_size: float) -> float:
+        return self.noisy_correct / max(public_validation_size, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionPrivacy:
+    """What the report states, and how it adds up."""
+
+    epsilon: float  # count + selection + sampler slack
+    delta: float
+    count_epsilon: float
+    count_delta: float
+    selection_epsilon: float  # RDP accountant, RepeatAndSelect(Gaussian(σ_run), R, η) at selection_delta
+    selection_delta: float
+    coordinates_bound: int  # M*: noisy coordinates drawn unless K > runs_cap
+    runs_cap: int  # k_max
+    tail: float  # P(K > k_max) + the sampling error of K's law
+
+
+@dataclasses.dataclass
+class SelectionResult:
+    method: Method  # the chosen candidate
+    weights: np.ndarray  # its head (d, K)
+    best: Run
+    runs: list[Run]  # every run, the losers included: NOT covered by the privacy guarantee; never report them
+    num_runs: int  # K: likewise withheld
+    distribution: RunsDistribution
+    candidates: list[Method]
+    noise_multiplier: float  # σ_run
+    calibration: accounting.Calibration  # of σ_run against the selection's share
+    count: CountRelease
+    privacy: SelectionPrivacy
+    target: PrivacyTarget  # with δ resolved
+    public_fit_size: float
+    public_validation_size: float
+    releases: list[Release]  # the count's and the best run's: what the report lists
+    seeded: bool
+    seconds: float
+    num_examples: int  # the true n: for the caller's own use, never written to a report
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        return self.method.preprocessing()(np.asarray(features, np.float32)) @ self.weights
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.argmax(self.decision_function(features), axis=1)
+
+    def accuracy(self, source: RowSource) -> float:
+        correct = 0
+        for x, y in source.blocks():
+            correct += int(np.sum(self.predict(x) == y))
+        return correct / max(source.num_examples, 1)
+
+    @property
+    def event(self) -> events.DpEvent:
+        return self.calibration.event
+
+
+def _predict(method: Method, weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    if len(features) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.argmax(method.preprocessing()(features) @ weights.astype(np.float32), axis=1)
+
+
+def select(
+    train: RowSource,
+    methods: Sequence[str] | str = ("dp-fc",),
+    *,
+    epsilon: float,
+    delta: float | None = None,
+    mean_runs: float = DEFAULT_MEAN_RUNS,
+    shape: float = DEFAULT_SHAPE,
+    grid: dict[str, list[str]] | None = None,
+    seed: int | None = None,
+    accountant: str = ACCOUNTANT,
+    on_run: Callable[[int, int], None] | None = None,
+) -> SelectionResult:
+    """Private selection among `methods` (× `grid`) on `train` with (ε, δ)-DP overall (module docstring).
+
+    `on_run(done, total)` is called before the first run and after each: `total` is K, which the
+    guarantee does not cover — show it to the operator, never publish it."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    target = PrivacyTarget(epsilon, delta, accountant)
+    if target.accountant != ACCOUNTANT:
+        raise PrivacyParameterError(
+            f"tune accounts with the rdp accountant only (Papernot & Steinke's bound is in Renyi DP), "
+            f"got accountant {accountant!r}"
+        )
+    distribution = RunsDistribution(mean_runs, shape)
+    build_candidates(methods, grid, 1000.0)  # every argument error before anything is released
+    n = train.num_examples
+    if n == 0:
+        raise DataError("the training split is empty: there is nothing to tune on")
+    started = time.perf_counter()
+    key = make_key(seed)
+    fit_part, validation_part = split_parts(train)  # reads (and validates) every row before anything runs
+
+    # 1. The count, exactly as `training.fit` releases it.
+    count_releaser = Releaser(key)
+    count_delta = COUNT_SHARE * target.delta if target.delta is not None else COUNT_DELTA_WHEN_DEFAULT
+    count = release_count(n, count_releaser, COUNT_SHARE * target.epsilon, count_delta)
+    target = target.with_default_delta(count.value)
+    if target.delta <= 2 * count.delta:
+        raise PrivacyParameterError(
+            f"delta={target.delta:g} is too small to leave room for the released count's {count.delta:g}"
+        )
+    public_fit_size = (1 - VALIDATION_FRACTION) * count.value
+    public_validation_size = VALIDATION_FRACTION * count.value
+
+    # 2. Candidates, and the coordinates each fit draws (public: shapes depend on d, K and the candidate).
+    candidates = build_candidates(methods, grid, public_fit_size)
+    with linalg.reusing_decompositions():
+        coordinates = [release_coordinates(m, train.feature_dim, train.num_classes, public_fit_size) + 1
+                       for m in candidates]  # + 1: the score
+
+    # 3. The budget: the sampler's slack is bounded first (it must not depend on K), the rest calibrates σ_run.
+    remaining_epsilon = target.epsilon - count.epsilon
+    remaining_delta = target.delta - count.delta
+    tail = TAIL_SHARE * remaining_delta * math.exp(-target.epsilon)
+    runs_cap = distribution.cap(tail)
+    tail = distribution.survival(runs_cap) + distribution.sampling_error
+    coordinates_bound = 1 + runs_cap * max(coordinates)
+    slack_epsilon = _slack(coordinates_bound, 0.0, 0.0, 0.0)[0]
+    selection_budget = remaining_epsilon - slack_epsilon
+    too_small = (
+        f"epsilon={target.epsilon:g} is too small to tune with {distribution.mean:g} runs on average at "
+        f"delta={target.delta:g}"
+    )
+    if selection_budget <= 0:
+        raise PrivacyParameterError(f"{too_small}: the released count and the sampler's slack use all of it")
+    selection_delta = _selection_delta(target, count.delta, coordinates_bound, tail)
+    if selection_delta <= 0:
+        raise PrivacyParameterError(f"delta={target.delta:g} is too small to leave room for the count and the sampler")
+    make_event = lambda s: distribution.dp_event(events.GaussianDpEvent(s))  # noqa: E731
+    floor = accounting.epsilon(make_event(MAX_RUN_NOISE), selection_delta, ACCOUNTANT)
+    if floor >= selection_budget:
+        raise PrivacyParameterError(
+            f"{too_small}: after the released count {selection_budget:.4g} is left for the selection, and "
+            f"random stopping alone costs epsilon {floor:.4g} however much noise each run adds; raise "
+            "--eps or lower --mean-runs"
+        )
+    try:
+        calibration = accounting.calibrate(make_event, selection_budget, selection_delta, ACCOUNTANT)
+    except PrivacyParameterError as error:
+        raise PrivacyParameterError(f"{too_small}: {error}") from error
+    sigma = calibration.noise_scale
+
+    # 4. The runs.
+    num_runs = distribution.sample(key.child("selection", "number of runs").stream())
+    choices = key.child("selection", "candidates").stream()
+    scales: dict[int, float] = {}
+    runs: list[Run] = []
+    best: Run | None = None
+    best_weights = best_releases = None
+    if on_run is not None:
+        on_run(0, num_runs)
+    for index in range(num_runs):
+        run_started = time.perf_counter()
+        choice = uniform_index(choices, len(candidates))
+        method = candidates[choice]
+        if choice not in scales:
+            scales[choice] = dominating_noise_scale(method, sigma, public_fit_size)
+        releaser = Releaser(key.child("run", index))
+        data = TrainingData(fit_part, method.preprocessing(), public_num_examples=public_fit_size)
+        weights = np.asarray(method.fit(data, scales[choice], releaser), dtype=np.float64)
+        if sum(r.coordinates for r in releaser.releases) + 1 != coordinates[choice]:
+            raise RuntimeError(
+                f"method {method.name!r} released other shapes than its dry run: its releases depend on the data"
+            )
+        if not np.all(np.isfinite(weights)):
+            weights = np.zeros_like(weights)  # post-processing of its releases: a non-finite head scores as zeros
+        correct = int(np.sum(_predict(method, weights, validation_part.features) == validation_part.labels))
+        noisy = float(releaser.release("validation_correct", np.array([float(correct)]), sensitivity=1.0,
+                                       noise_multiplier=sigma)[0])
+        run = Run(index, method, scales[choice], noisy, coordinates[choice], time.perf_counter() - run_started)
+        runs.append(run)
+        if best is None or run.noisy_correct > best.noisy_correct:
+            best, best_weights, best_releases = run, weights, list(releaser.releases)
+        if on_run is not None:
+            on_run(index + 1, num_runs)
+
+    ideal_epsilon = count.epsilon + calibration.epsilon
+    ideal_delta = count.delta + selection_delta
+    spent_epsilon, spent_delta = _slack(coordinates_bound, ideal_epsilon, ideal_delta, tail)
+    privacy = SelectionPrivacy(
+        spent_epsilon, spent_delta, count.epsilon, count.delta, calibration.epsilon, selection_delta,
+        coordinates_bound, runs_cap, tail,
+    )
+    return SelectionResult(
+        method=best.method, weights=np.asarray(best_weights, np.float32), best=best, runs=runs, num_runs=num_runs,
+        distribution=distribution, candidates=candidates, noise_multiplier=sigma, calibration=calibration,
+        count=count, privacy=privacy, target=target, public_fit_size=public_fit_size,
+        public_validation_size=public_validation_size, releases=list(count_releaser.releases) + best_releases,
+        seeded=key.seeded, seconds=time.perf_counter() - started, num_examples=n,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
+    """The privacy report of a selection: the chosen run and how the whole selection was accounted.
+
+    K and the losing runs are not in it (module docstring: the guarantee covers the best run only)."""
+    privacy, count, target, best = result.privacy, result.count, result.target, result.best
+    ideal_epsilon = count.epsilon + privacy.selection_epsilon
+    ideal_delta = count.delta + privacy.selection_delta
+    report: dict[str, Any] = {
+        "featdp_version": featdp.__version__,
+        "job": "tune",
+        "method": result.method.name,
+        "private": True,
+        "hyperparameters": result.method.hyperparameters(),
+        "noise_scale": best.noise_scale,
+        "validation": {
+            "noisy_correct": best.noisy_correct,
+            "noisy_accuracy": best.noisy_accuracy(result.public_validation_size),
+            "public_size": result.public_validation_size,
+            "noise_std": result.noise_multiplier,
+        },
+        "selection": {
+            "algorithm": "random stopping (Papernot & Steinke 2022, 'Hyperparameter tuning with Renyi "
+                         "differential privacy'): K runs, K drawn from a public law independent of the data, "
+                         "each run fits a uniformly drawn candidate on the fit part and releases its noisy "
+                         "number of correct validation predictions; the best run alone is released",
+            "mean_runs": result.distribution.mean,
+            "shape": result.distribution.shape,
+            "distribution": result.distribution.describe(),
+            "number_of_runs": "withheld: the guarantee is for the best run alone, with K and the other runs "
+                              "hidden",
+            "run_noise_multiplier": result.noise_multiplier,
+            "domination": "every run is dominated in RDP, at every order of the accountant, by "
+                          f"GaussianDpEvent({result.noise_multiplier:.6g}): its score is that Gaussian "
+                          "(sensitivity 1) and each candidate's noise scale is the smallest whose event stays "
+                          "under it; a neighbour's example lies in one part only, so a run pays for its fit "
+                          "or its score, not both",
+            "candidates": [{"method": m.name, "hyperparameters": m.hyperparameters()} for m in result.candidates],
+            "split": {
+                "rule": "validation iff the first 8 bytes of BLAKE2b(key=" + repr(SPLIT_KEY.decode()) + ", the "
+                        "row's float32 features (little-endian) + its int64 label), little-endian, are < "
+                        "floor(0.1 * 2^64): a function of each example alone",
+                "validation_fraction": VALIDATION_FRACTION,
+                "public_fit_size": result.public_fit_size,
+                "public_validation_size": result.public_validation_size,
+            },
+        },
+        "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
+        "releases": [r.to_json_dict() for r in result.releases],
+        "noise_seeded": result.seeded,
+    }
+    if result.seeded:
+        report["seed_warning"] = (
+            "the noise and the selection's draws came from a user-given seed: anyone who knows the seed can "
+            "recompute them, so this head carries no privacy guarantee against them"
+        )
+    report.update(
+        target_epsilon=target.epsilon,
+        target_delta=target.delta,
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        accountant=result.calibration.accountant,
+        dp_event=report_lib.event_to_json(result.event),
+        count_dp_event=report_lib.event_to_json(events.GaussianDpEvent(count.noise_multiplier)),
+        selection_epsilon=privacy.selection_epsilon,
+        selection_delta=privacy.selection_delta,
+        composition=(
+            "basic composition of the released count and the selection, plus the sampler's slack: "
+            f"epsilon = {count.epsilon:.6g} (count) + {privacy.selection_epsilon:.6g} (selection, "
+            f"{result.calibration.accountant}) + {privacy.epsilon - ideal_epsilon:.3g} (sampler); delta = "
+            f"{count.delta:.6g} + {privacy.selection_delta:.6g} + {privacy.delta - ideal_delta:.3g}"
+        ),
+        num_examples_released=count.value,
+        public={
+            "num_examples": "private: released as a noisy count (release 'num_examples', sensitivity 1, "
+                            f"epsilon {count.epsilon:.4g}, delta {count.delta:.3g}); the parts' sizes used by "
+                            "the fits and the scores are 0.9 and 0.1 times the released count",
+            "split": "public rule, a function of each example alone (selection.split)",
+            "candidates": "public: the grid is fixed before the data are read (defaults: each method's "
+                          "tuning_grid at the fit part's public size)",
+            "draws": "the number of runs and each run's candidate come from randomness independent of the data",
+            "classes": "public: the class set is the dataset's declared label set, not read from the private labels",
+            "feature_dim": "public: the backbone's output dimension",
+        },
+        sampler={
+            "name": mechanism.SAMPLER,
+            "coordinates_bound": privacy.coordinates_bound,
+            "runs_cap": privacy.runs_cap,
+            "runs_cap_tail": privacy.tail,
+            "epsilon_slack": privacy.epsilon - ideal_epsilon,
+            "delta_slack": privacy.delta - ideal_delta,
+            "note": "bounded in advance from the coordinates of every candidate and a cap on K whose tail "
+                    "probability is added to delta, so that the stated epsilon does not depend on K",
+            "randomness": "AES-256-CTR keyed by " + ("SHA-256 of the user's seed" if result.seeded
+                                                     else "256 bits from the OS's cryptographic source"),
+        },
+    )
+    report.update(extra)
+    return report
