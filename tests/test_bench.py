@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import make_blobs
 from featdp.bench import report, tuning
+from featdp.accounting import PrivacyParameterError
 from featdp.bench.runner import BenchConfig, BenchError, run_bench
 from featdp.data import FrozenArraySource, Preprocessing, TrainingData
 from featdp.featurefile import write_features
@@ -119,13 +120,13 @@ def test_summary_is_median_and_std_over_seeds(bench_result):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"epsilons": (1.0, 0.0)}, "ε must be > 0"),
+    ({"epsilons": (1.0, 0.0)}, "epsilon must be a finite number > 0, got 0.0"),
     ({"seeds": 0}, "seeds must be ≥ 1"),
     ({"methods": ("dp-nope",)}, "unknown method 'dp-nope'"),
-    ({"delta": 1.5}, "δ must lie in (0, 1)"),
+    ({"delta": 1.5}, "delta must lie in the open interval (0, 1), got 1.5"),
 ])
 def test_bad_configs_name_the_value(kwargs, message):
-    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((BenchError, PrivacyParameterError), match=message.replace("(", r"\(").replace(")", r"\)")):
         BenchConfig(**kwargs)
 
 
@@ -145,7 +146,7 @@ def test_cli_bench_writes_tables_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--eps", "1,-2"], "ε must be > 0"),
+    (["--eps", "1,-2"], "epsilon must be a finite number > 0, got -2.0"),
     (["--eps", "one"], "--eps and --peer-eps expect comma-separated numbers"),
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--peers", "nope"], "unknown peer 'nope'"),

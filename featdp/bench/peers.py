@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import shlex
@@ -57,6 +56,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from featdp.accounting import PrivacyParameterError, PrivacyTarget
 from featdp.data import validate_arrays
 
 _ROW_NORM_BOUND = 1.0
@@ -555,10 +555,11 @@ def run_peer(
         allowed = ", ".join(f.name for f in dataclasses.fields(peer.settings))
         raise ValueError(f"unknown setting for {name!r} in {sorted(settings or {})}; allowed: {allowed}") from None
     if peer.private:
-        if epsilon is None or not (0 < epsilon < math.inf):
-            raise ValueError(f"peer {name!r} is private: epsilon must be a positive finite number, got {epsilon}")
-        if not peer.pure_dp and (delta is None or not 0 < delta < 1):
-            raise ValueError(f"peer {name!r} needs delta in (0, 1), got {delta}")
+        if epsilon is None:
+            raise PrivacyParameterError(f"peer {name!r} is private: epsilon must be a positive finite number, got None")
+        if not peer.pure_dp and delta is None:
+            raise PrivacyParameterError(f"peer {name!r} needs delta in (0, 1), got None")
+        PrivacyTarget(epsilon, None if peer.pure_dp else delta)
     train_x, train_y = _check_features("train", train_x, train_y, num_classes)
     test_x, test_y = _check_features("test", test_x, test_y, num_classes)
     if train_x.shape[1] != test_x.shape[1]:

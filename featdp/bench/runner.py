@@ -23,10 +23,11 @@ from typing import Callable, Iterable
 import numpy as np
 
 from featdp import linalg, stats
+from featdp.accounting import DeltaWarning, PrivacyTarget
 from featdp.bench import tuning
 from featdp.data import FrozenArraySource, Preprocessing, TrainingData
 from featdp.methods import get_method, registry
-from featdp.training import DeltaWarning, fit
+from featdp.training import fit
 
 
 class BenchError(ValueError):
@@ -48,10 +49,10 @@ class BenchConfig:
 
     def __post_init__(self):
         for epsilons in (self.epsilons, self.peer_epsilons or (1.0,)):
-            if not epsilons or any(not e > 0 for e in epsilons):
-                raise BenchError(f"every ε must be > 0, got {list(epsilons)}")
-        if not 0 < self.delta < 1:
-            raise BenchError(f"δ must lie in (0, 1), got {self.delta}")
+            if not epsilons:
+                raise BenchError("at least one ε is needed")
+            for epsilon in epsilons:
+                PrivacyTarget(epsilon, self.delta, self.accountant)  # the one place (ε, δ) rules live
         if self.seeds < 1 or (self.peer_seeds is not None and self.peer_seeds < 1):
             raise BenchError(f"seeds must be ≥ 1, got {self.seeds} (peers: {self.peer_seeds})")
         if not 0 < self.holdout_fraction < 1:
