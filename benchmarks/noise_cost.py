@@ -218,8 +218,8 @@ def main() -> None:
 
     n, d, k = NUM_EXAMPLES, DIM, CLASSES
     lines = [
-        "| method | ε | release | m per release | Δ | γ | γ√m/Δ' | old σ·Δ | new σ·Δ' | s new/old | Δ'/Δ "
-        "| new/old | ≤ 1.05 | ε reported (new) | δ reported (new) | ε old |",
+        "| method | ε | release | m per release | Δ | γ | γ√m/Δ' | old σ·Δ | new σ·Δ' | s new/old "
+        "| Δ'/Δ | new/old | ≤ 1.05 | ε reported (new) | δ reported (new) | ε old |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     verdicts, ratios, epsilon_ok = [], {}, []

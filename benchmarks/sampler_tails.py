@@ -167,11 +167,12 @@ def main() -> None:
     import jax
 
     ok = all(v for _, v in verdicts)
+    command = " ".join([pathlib.Path(sys.executable).as_posix(), "benchmarks/sampler_tails.py"] + sys.argv[1:])
     header = [
         f"# sampler_tails: N = {new['n']:,} rounded-Gaussian draws at s = {s:.6g} (= {s / 2**28:.4g}·2²⁸) "
         f"vs the old float32 sampler (N = {old['n']:,})",
         "",
-        f"Command: `{' '.join([pathlib.Path(sys.executable).as_posix(), 'benchmarks/sampler_tails.py'] + sys.argv[1:])}`. "
+        f"Command: `{command}`. "
         f"Started {started:%Y-%m-%d %H:%M} UTC on {platform.node() or 'host'}: {os.cpu_count()} CPUs, "
         f"numpy {np.__version__}, jax {jax.__version__}, Python {platform.python_version()}; load average at "
         f"start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} (other jobs share this machine).",
