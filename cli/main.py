@@ -117,6 +117,98 @@ def _print_summary(job) -> None:
 
 
 @app.command()
+def tune(
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    methods: List[str] = typer.Option(["dp-fc"], "--method", "-m", help="A private method to tune; repeatable."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Target epsilon of the whole selection (required)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/ñ (ñ: the released count)."),
+    grids: List[str] = typer.Option([], "--grid", help="KEY=V1,V2: candidates are the product over all --grid keys, for every --method; default: each method's tuning grid."),
+    mean_runs: float = typer.Option(10.0, "--mean-runs", help="Mean number of runs R (the number is random: it is what makes the selection cheap)."),
+    shape: float = typer.Option(1.0, "--shape", help="Shape of the law of the number of runs: 1 geometric (default), 0 logarithmic, else truncated negative binomial."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise and the draws (reproducible, but predictable)."),
+    accountant: str = typer.Option("rdp", "--accountant", help="rdp (the only accountant with the Papernot–Steinke bound)."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
+    train_split: str = typer.Option("train", "--train-split"),
+    test_split: str = typer.Option("test", "--test-split"),
+):
+    """Choose a method and hyperparameters privately (random stopping, Papernot & Steinke 2022) and write the chosen head."""
+    from featdp.jobs import tune_feature_file
+    from featdp.selection import RunsDistribution, SelectionError, build_candidates, parse_grid
+
+    if eps is None:
+        _fail("--eps is required: the selection is private, and its target epsilon covers every run")
+    try:
+        grid = parse_grid(grids)
+        RunsDistribution(mean_runs, shape)
+        build_candidates(methods, grid, 1000.0)  # unknown or non-private methods, bad grid keys and values
+        if out is None:
+            out = pathlib.Path("heads") / f"tune_eps{eps:g}"
+        with warnings.catch_warnings(record=True) as caught, _run_progress() as progress:
+            warnings.simplefilter("always")
+            job = tune_feature_file(
+                features, methods, epsilon=eps, delta=delta, mean_runs=mean_runs, shape=shape, grid=grid,
+                seed=seed, accountant=accountant, train_split=train_split, test_split=test_split, out_dir=out,
+                on_run=progress,
+            )
+        for warning in caught:
+            if not issubclass(warning.category, RuntimeWarning):  # numpy's, from the accountants' searches
+                errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+    except (SelectionError, *_user_errors()) as error:
+        _fail(str(error))
+    _print_tune_summary(job)
+
+
+class _run_progress:  # noqa: N801 - used as a context manager
+    """A rich progress bar over the selection's runs, on a terminal only. The number of runs is not covered
+    by the privacy guarantee: the operator may watch it, but it is kept out of logs and reports."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = self._task = None
+        if console.is_terminal:
+            self._bar = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=console, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task("runs", total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc_info):
+        if self._bar is not None:
+            self._bar.__exit__(*exc_info)
+
+
+def _print_tune_summary(job) -> None:
+    report = job.report
+    selection = report["selection"]
+    table = Table(show_header=False, box=None)
+    table.add_row("chosen", f"{report['method']} "
+                            + " ".join(f"{k}={v}" for k, v in report["hyperparameters"].items()))
+    table.add_row("noisy validation top-1", f"{report['validation']['noisy_accuracy']:.4f} "
+                                            f"(≈ {report['validation']['public_size']:.0f} examples, noise std "
+                                            f"{report['validation']['noise_std']:.3g})")
+    table.add_row("candidates", str(len(selection["candidates"])))
+    table.add_row("runs", f"random, {selection['distribution']} (the number drawn is not reported)")
+    table.add_row("epsilon", f"{report['epsilon']:.4f} (target {report['target_epsilon']:g})")
+    table.add_row("delta", f"{report['delta']:g}")
+    table.add_row("accountant", report["accountant"])
+    table.add_row("train examples", f"≈ {report['num_examples_released']} (released noisy count)")
+    if job.test_accuracy is not None:
+        table.add_row("test top-1", f"{job.test_accuracy:.4f}")
+    table.add_row("time", f"{report['tune_seconds']:.2f} s")
+    if report["noise_seeded"]:
+        table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
+    table.add_row("written", str(job.out_dir))
+    console.print(table)
+
+
+@app.command()
 def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
     """Print a feature file's metadata and splits."""
     from featdp.featurefile import FeatureFile

@@ -75,8 +75,8 @@ class PrivacyTarget:
             object.__setattr__(self, "delta", float(delta))
 
     def with_default_delta(self, num_examples: float) -> "PrivacyTarget":
-        """δ filled in from `num_examples` (a public value: featdp passes its released count) if unset, and
-        a `DeltaWarning` if δ ≥ 1/n."""
+        """δ filled in from `num_examples` (a public value: featdp passes an upper confidence bound of its
+        released count) if unset, and a `DeltaWarning` if δ ≥ 1/n."""
         target = self if self.delta is not None else dataclasses.replace(self, delta=default_delta(num_examples))
         if target.delta >= 1 / max(num_examples, 1):
             warnings.warn(

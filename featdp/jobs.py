@@ -1,15 +1,21 @@
-"""The `fit` job over a feature file: validate, train on one split, evaluate on another, write outputs."""
+"""The `fit` and `tune` jobs over a feature file: validate, train (or select privately) on one split, evaluate
+on another, write outputs."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import pathlib
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from featdp import report as report_lib
 from featdp.checksums import file_sha256
 from featdp.featurefile import FeatureFile, FeatureFileError
 from featdp.training import FitResult, fit
+
+if TYPE_CHECKING:
+    from featdp.selection import SelectionResult
 
 
 @dataclasses.dataclass
@@ -62,4 +68,62 @@ def fit_feature_file(
     return FitJobResult(result, accuracy, report, out_dir)
 
 
-__all__ = ["FeatureFileError", "FitJobResult", "fit_feature_file"]
+@dataclasses.dataclass
+class TuneJobResult:
+    result: SelectionResult
+    test_accuracy: float | None
+    report: dict
+    out_dir: pathlib.Path | None
+
+
+def tune_feature_file(
+    path: str | os.PathLike,
+    methods: Sequence[str] = ("dp-fc",),
+    *,
+    epsilon: float,
+    delta: float | None = None,
+    mean_runs: float | None = None,
+    shape: float | None = None,
+    grid: dict[str, list[str]] | None = None,
+    seed: int | None = None,
+    accountant: str = "rdp",
+    train_split: str = "train",
+    test_split: str | None = "test",
+    out_dir: str | os.PathLike | None = None,
+    on_run: Callable[[int, int], None] | None = None,
+) -> TuneJobResult:
+    """Private selection (`featdp.selection.select`) on `train_split`, top-1 of the chosen head on
+    `test_split` (if present); head + privacy report written to `out_dir`, all or nothing."""
+    from featdp import selection
+
+    options = {k: v for k, v in (("mean_runs", mean_runs), ("shape", shape)) if v is not None}
+    path = pathlib.Path(path)
+    started = time.perf_counter()
+    with FeatureFile(path) as features:
+        train = features.split(train_split)
+        test = None
+        if test_split is not None and test_split in features.split_names:
+            test = features.split(test_split)
+        result = selection.select(
+            train, methods, epsilon=epsilon, delta=delta, grid=grid, seed=seed, accountant=accountant,
+            on_run=on_run, **options,
+        )
+        accuracy = result.accuracy(test) if test is not None else None
+        metadata = features.metadata
+    report = selection.selection_report(
+        result,
+        input_file=str(path),
+        input_sha256=file_sha256(path),
+        train_split=train_split,
+        test_split=test_split if test is not None else None,
+        test_accuracy=accuracy,
+        tune_seconds=time.perf_counter() - started,
+        backbone=metadata.backbone,
+        dataset=metadata.dataset,
+    )
+    if out_dir is not None:
+        out_dir = report_lib.write_outputs(out_dir, result, report, class_names=metadata.class_names)
+    return TuneJobResult(result, accuracy, report, out_dir)
+
+
+__all__ = ["FeatureFileError", "FitJobResult", "TuneJobResult", "fit_feature_file", "tune_feature_file"]

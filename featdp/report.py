@@ -22,9 +22,10 @@ REPORT_FILE = "privacy_report.json"
 
 
 def event_to_json(event: events.DpEvent) -> Any:
-    """A DpEvent as nested JSON: {"event": class name, field: value ...}."""
+    """A DpEvent as nested JSON: {"type": class name, field: value ...} (fields named `event` hold the
+    inner event, so the class name cannot live under that key)."""
     if isinstance(event, events.DpEvent):
-        out = {"event": type(event).__name__}
+        out = {"type": type(event).__name__}
         for field in event.__attrs_attrs__:
             out[field.name] = event_to_json(getattr(event, field.name))
         return out

@@ -28,6 +28,7 @@ __all__ = ["CountRelease", "DeltaWarning", "FitResult", "PrivacySpent", "default
 
 COUNT_SHARE = 0.01  # of ε (and of δ when the user gives δ) spent on the released count ñ
 COUNT_DELTA_WHEN_DEFAULT = 1e-12  # δ of the count when δ is left to its default (which needs ñ first)
+UPPER_BOUND_STDS = 6.0
 SAMPLER_RESERVE = 1e-4  # of the method's ε and δ kept back for the sampler's slack
 
 
@@ -39,6 +40,14 @@ class CountRelease:
     epsilon: float
     delta: float
     noise_multiplier: float
+    noise_std: float = 0.0  # of ñ (σ·Δ' with Δ' ≈ 1)
+
+    @property
+    def upper_bound(self) -> float:
+        """ñ + 6·std: at least n except with probability 1e-9. The default δ and the δ ≥ 1/n warning use it,
+        so that a count that came out low never yields a larger δ (at n = 200 and ε = 1 the count's std is
+        in the hundreds)."""
+        return self.value + UPPER_BOUND_STDS * self.noise_std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +91,8 @@ def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float
     """ñ = max(1, round(n + Gaussian noise)) at (ε, δ) with Δ = 1: adding or removing one example moves n by 1."""
     sigma = accounting.calibrate(lambda s: events.GaussianDpEvent(s), epsilon, delta).noise_scale
     noisy = releaser.release("num_examples", np.array([float(num_examples)]), sensitivity=1.0, noise_multiplier=sigma)
-    return CountRelease(max(1, int(round(float(noisy[0])))), float(epsilon), float(delta), float(sigma))
+    std = releaser.releases[-1].noise_std if releaser.releases else sigma
+    return CountRelease(max(1, int(round(float(noisy[0])))), float(epsilon), float(delta), float(sigma), float(std))
 
 
 def fit(
@@ -118,7 +128,7 @@ def fit(
     target = PrivacyTarget(epsilon, delta, accountant)
     count_delta = COUNT_SHARE * target.delta if target.delta is not None else COUNT_DELTA_WHEN_DEFAULT
     count = release_count(n, releaser, COUNT_SHARE * target.epsilon, count_delta)
-    target = target.with_default_delta(count.value)
+    target = target.with_default_delta(count.upper_bound)
     if target.delta <= 2 * count.delta:
         raise accounting.PrivacyParameterError(
             f"delta={target.delta:g} is too small to leave room for the released count's {count.delta:g}"

@@ -43,7 +43,8 @@ def test_fit_writes_a_loadable_head_and_a_complete_report(features, tmp_path):
     assert report["target_delta"] == 1e-6 and report["sampler"]["epsilon_slack"] < 1e-6
     assert [r["name"] for r in report["releases"]] == ["num_examples", "gram", "class_sums"]
     assert all(r["sensitivity"] > 0 and r["noise_multiplier"] > 0 for r in report["releases"])
-    assert report["dp_event"]["event"] == "ComposedDpEvent"
+    assert report["dp_event"]["type"] == "ComposedDpEvent"
+    assert [e["type"] for e in report["dp_event"]["events"]] == ["GaussianDpEvent", "GaussianDpEvent"]
     # n is private: the report carries only the released count, and says what was public.
     assert "num_examples" not in report and abs(report["num_examples_released"] - 200) < 100
     assert set(report["public"]) >= {"num_examples", "classes"} and all(r["grid"] > 0 for r in report["releases"])
