@@ -9,8 +9,12 @@
   statistics stay float32), float32 on CPU.
 * Resumable: rows are appended in order and `rows_done` is raised only after they are on disk, so a
   killed run restarts at `rows_done` and, since batches start at the same rows, computes exactly what an
-  uninterrupted run would have. The file's metadata identifies the command; a different one is refused
+  uninterrupted run would have. The file's metadata identifies the command, and its source fingerprint
+  what the dataset held when the file was created; a different command, or a changed source, is refused
   unless `overwrite`.
+* One writer at a time: the file's `FeatureFileLock` (`<file>.lock`) is held from before the backbone is
+  loaded until the last row is written; a second extraction onto the same file stops at once.
+* Memory is checked before it is asked for: a batch size whose padded batch cannot fit stops with a message.
 * A corrupt or unreadable image is fatal: the run stops naming the file, keeping the rows written so
   far, so that a file's rows always correspond one-to-one to source indices 0..n−1.
 """
@@ -36,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from featdp.backbones.registry import Backbone, load_backbone
 from featdp.checksums import ChecksumMismatchError, normalized_sha256, verify_sha256
 from featdp.datasets import open_dataset
-from featdp.featurefile import FeatureWriter
+from featdp.featurefile import AllocationError, FeatureFileLock, FeatureWriter, check_allocation
 from featdp.loading import LoadBatch
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -224,6 +228,27 @@ def extract(
     if unknown:
         raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
     dtype = compute_dtype(config.dtype)
+    # Held for the whole extraction: a second run onto this file stops here, before loading anything.
+    with FeatureFileLock(out) as lock:
+        return _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock)
+
+
+def _check_batch_memory(batch_size: int, backbone: Backbone) -> None:
+    """Every batch is padded to the full batch size (uint8 (R, R, 3) images) and comes back as float32
+    features: stop before asking for more memory than there is."""
+    image_bytes = backbone.image_size * backbone.image_size * 3
+    per_example = image_bytes + backbone.feature_dim * 4
+    try:
+        check_allocation(
+            batch_size * per_example,
+            f"a batch of {batch_size} images ({backbone.image_size}x{backbone.image_size}x3 uint8, "
+            f"{backbone.feature_dim} float32 features each)",
+        )
+    except AllocationError as error:
+        raise ExtractError(f"--batch-size {batch_size}: {error}; choose a smaller batch size") from None
+
+
+def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock) -> pathlib.Path:
     expected_sha256 = None
     if config.checkpoint_sha256 is not None:
         try:
@@ -237,6 +262,9 @@ def extract(
     if expected_sha256 is not None and backbone.checkpoint_sha256 != expected_sha256:
         raise ChecksumMismatchError(f"{backbone.name} weights {backbone.checkpoint or '(none)'} have sha256 "
                                     f"{backbone.checkpoint_sha256 or '(none: weight-free)'}, expected {expected_sha256}")
+    devices = jax.local_device_count()
+    _check_batch_memory(-(-batch_size // devices) * devices, backbone)  # ShardedForward's rounded size
+    fingerprint = dataset.fingerprint()
     forward = ShardedForward(backbone, batch_size, dtype)
     preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
     with FeatureWriter(
@@ -250,7 +278,9 @@ def extract(
         dataset=config.dataset,
         image_size=backbone.image_size,
         preprocessing=preprocessing,
+        source_fingerprint=fingerprint,
         overwrite=config.overwrite,
+        lock=lock,
     ) as writer:
         for split in splits:
             total = dataset.splits[split] if config.limit is None else min(config.limit, dataset.splits[split])

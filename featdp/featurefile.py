@@ -4,7 +4,8 @@ Layout, format version 1 (DESIGN.md section 5)::
 
     /                  attrs: format, format_version, featdp_version, backbone, checkpoint,
                               checkpoint_sha256, dataset, image_size, preprocessing (JSON),
-                              feature_dim, num_classes, class_names (JSON), created_utc
+                              feature_dim, num_classes, class_names (JSON), created_utc,
+                              source_fingerprint (JSON; absent in files written before it existed)
     /<split>/features  (N, D) float16 or float32, chunked by rows, uncompressed
     /<split>/labels    (N,) int32
     /<split>/index     (N,) int64, position of the example in the source dataset
@@ -12,22 +13,42 @@ Layout, format version 1 (DESIGN.md section 5)::
 
 This module is the only code that knows the layout; everything else goes through `FeatureWriter`,
 `write_features` and `FeatureFile`.
+
+A feature file may come from anyone, so opening one trusts nothing in it:
+
+* Every object featdp reads must be stored in the file itself. HDF5 can make a dataset read other files
+  (external storage, external links, virtual datasets) or alias another path (soft links); such a file is
+  refused when it is opened, before anything is read through it.
+* Attributes are checked for type and against the datasets' shapes, and every row a split vouches for must
+  be on disk: HDF5 answers unwritten storage with its fill value, so a few kilobytes could otherwise declare
+  terabytes of features. `check_allocation` stops large reads (and lets the fit check its own matrices)
+  with a message naming the size and the memory available, instead of an out-of-memory kill.
+* A writer holds featdp's own lock, `<file>.lock` (`FeatureFileLock`), for as long as it is open, so a
+  second writer, or a reader, learns that the file is in use whether or not HDF5's own file locking works
+  on the filesystem (HDF5_USE_FILE_LOCKING=FALSE, common on NFS).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import fcntl
 import json
+import math
 import os
 import pathlib
+import socket
+import threading
 import uuid
+import warnings
 from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
 from featdp.checksums import file_sha256  # noqa: F401 (re-exported: part of this module's API)
+from featdp.data import DataError
 
 import featdp
 
@@ -40,14 +61,243 @@ _FEATURE_DTYPES = ("float16", "float32")
 _CHUNK_BYTES = 1 << 20
 # write_features converts to the stored dtype this many rows at a time, bounding the extra copy.
 _WRITE_BLOCK_ROWS = 65536
+# Reads at least this large are checked against the memory available first.
+_CHECKED_READ_BYTES = 1 << 28
 
 
 class FeatureFileError(ValueError):
     """A feature file is missing, unreadable, inconsistent, or would be made so by a write."""
 
 
+class FileInUseError(FeatureFileError):
+    """Another process holds the feature file: featdp's lock (it is writing the file), or HDF5's."""
+
+
+class AllocationError(FeatureFileError, DataError):
+    """An allocation larger than the memory available; raised by `check_allocation` before allocating."""
+
+
 def _error(path: os.PathLike | str, message: str) -> FeatureFileError:
     return FeatureFileError(f"{path}: {message}")
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB'."""
+    n = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
+            return f"{int(n)} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, or v1 memory.limit_in_bytes), if any."""
+    candidates = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                hierarchy, _, rest = line.strip().partition(":")
+                controllers, _, group = rest.partition(":")
+                if hierarchy == "0" and controllers == "":
+                    candidates.append(f"/sys/fs/cgroup{group.rstrip('/')}/memory.max")
+                elif "memory" in controllers.split(","):
+                    candidates.append(f"/sys/fs/cgroup/memory{group.rstrip('/')}/memory.limit_in_bytes")
+    except OSError:
+        pass
+    # Inside a container the process's group is usually the namespace root.
+    candidates += ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    for candidate in candidates:
+        try:
+            text = pathlib.Path(candidate).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's huge "no limit" value, are no limit
+            return int(text)
+        return None
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can expect to allocate: the kernel's MemAvailable (free memory plus
+    reclaimable caches), capped by the cgroup's limit; total physical memory where MemAvailable is
+    unknown; None where nothing is known."""
+    known = [v for v in (_meminfo_available(), _cgroup_limit()) if v is not None]
+    if not known:
+        try:
+            known = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(known)
+
+
+def check_allocation(bytes_needed: int, what: str, *, available: int | None = None) -> None:
+    """Raises AllocationError, naming `what`, its size and the memory available, when `bytes_needed`
+    exceeds the memory available (`available`, default `available_memory()`); returns otherwise.
+
+    Call it before allocating anything whose size comes from a file or an argument (a d×d Gram matrix, a
+    d×K head, a batch of images), so that an absurd size stops with a message rather than an
+    out-of-memory kill or minutes of swapping."""
+    bytes_needed = int(bytes_needed)
+    if bytes_needed < 0:
+        raise ValueError(f"bytes_needed={bytes_needed} must be >= 0")
+    if available is None:
+        available = available_memory()
+        if available is None:  # nothing known about this machine: nothing to check against
+            return
+    if bytes_needed > available:
+        raise AllocationError(
+            f"{what} needs {format_bytes(bytes_needed)} ({bytes_needed} bytes) of memory, but only "
+            f"{format_bytes(available)} is available"
+        )
+
+
+# --- featdp's own lock -------------------------------------------------------------------------------
+
+_HELD_LOCKS: set[str] = set()  # lock files this process holds (readers here need not wait for them)
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: os.PathLike | str) -> pathlib.Path:
+    """The lock file of a feature file: `<file>.lock`, next to it."""
+    path = pathlib.Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        text = []
+    if len(text) >= 2 and text[0].isdigit():
+        return f" (pid {text[0]} on host {text[1]})"
+    return ""
+
+
+def _in_use(path, holder: str) -> FileInUseError:
+    return FileInUseError(
+        f"{path}: in use by another featdp process{holder} that is writing it; wait for it to finish or "
+        f"stop it (its lock file is {lock_path(path)})"
+    )
+
+
+class FeatureFileLock:
+    """featdp's exclusive lock on a feature file, held by whoever writes it; a context manager.
+
+    `fcntl.flock` on `<file>.lock`, non-blocking: a second writer gets FileInUseError at once, naming the
+    holder's pid and host. It does not depend on HDF5's own file locking, which NFS setups often turn off
+    (HDF5_USE_FILE_LOCKING=FALSE) and without which two writers corrupt the file. The kernel drops the
+    lock when its holder dies, however it dies; a clean release also removes the lock file. On a
+    filesystem without any locking the lock is skipped with a warning.
+    """
+
+    def __init__(self, path: os.PathLike | str):
+        self.path = pathlib.Path(path)
+        self.lock_path = lock_path(self.path)
+        self._fd: int | None = None
+        self._key = os.path.abspath(self.lock_path)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> FeatureFileLock:
+        if self._fd is not None:
+            return self
+        for _ in range(20):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise _error(self.path, f"cannot create its lock file {self.lock_path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise _in_use(self.path, holder) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    warnings.warn(
+                        f"{self.lock_path}: the filesystem does not support file locks ({exc.strerror}); "
+                        "nothing stops another process from writing the same feature file",
+                        stacklevel=3,
+                    )
+                    return self
+                raise _error(self.path, f"cannot lock {self.lock_path}: {exc.strerror}") from None
+            # The previous holder removes the file just before releasing it: a lock taken on a file no
+            # longer at that name excludes no one, so take the one now there.
+            try:
+                current = os.stat(self.lock_path)
+                mine = os.fstat(fd)
+                same = (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+                self._fd = fd
+                with _HELD_GUARD:
+                    _HELD_LOCKS.add(self._key)
+                return self
+            os.close(fd)
+        raise _error(self.path, f"cannot lock {self.lock_path}: it keeps being replaced")
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with _HELD_GUARD:
+            _HELD_LOCKS.discard(self._key)
+        try:  # removed while still held, so that no one can take a lock on a name about to disappear
+            current, mine = os.stat(self.lock_path), os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def __enter__(self) -> FeatureFileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _check_not_being_written(path: pathlib.Path) -> None:
+    """FileInUseError when another process holds the file's featdp lock (a reader takes no lock itself:
+    it may lack write access to the folder)."""
+    lock = lock_path(path)
+    with _HELD_GUARD:
+        if os.path.abspath(lock) in _HELD_LOCKS:
+            return
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise _in_use(path, holder) from None
+    except OSError:
+        pass
+    os.close(fd)  # closing drops the shared lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +313,8 @@ class FileMetadata:
     dataset: str = ""
     image_size: int = 0
     preprocessing: dict = dataclasses.field(default_factory=dict)
+    # What the source held when the file was created (`ImageDataset.fingerprint()`); {} when unknown.
+    source_fingerprint: dict = dataclasses.field(default_factory=dict)
     created_utc: str = ""
     featdp_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -85,8 +337,10 @@ _IDENTIFYING = (
     "dataset",
     "image_size",
     "preprocessing",
+    "source_fingerprint",
 )
-_ROOT_ATTRS = ("format", "format_version") + _IDENTIFYING + ("featdp_version", "created_utc")
+# source_fingerprint is optional: files written before it existed lack it (and read as {}).
+_ROOT_ATTRS = ("format", "format_version") + _IDENTIFYING[:-1] + ("featdp_version", "created_utc")
 
 
 def _canonical_json(path, name: str, value: Any) -> str:
@@ -110,19 +364,92 @@ def _to_attrs(meta: FileMetadata) -> dict[str, Any]:
         "feature_dim": np.int64(meta.feature_dim),
         "num_classes": np.int64(meta.num_classes),
         "class_names": json.dumps(list(meta.class_names)),
+        "source_fingerprint": json.dumps(meta.source_fingerprint, sort_keys=True),
         "created_utc": meta.created_utc,
     }
 
 
+# --- reading attributes: a file's attributes may hold any type, or shape, of value ---------------------
+
+
+def _show(value: Any) -> str:
+    """A value read from a file, shortened, with its type: 7 (int64), '224' (str), [4, 4] (int64 array...)."""
+    if isinstance(value, np.generic):
+        text, kind = repr(value.item()), value.dtype.name
+    elif isinstance(value, np.ndarray):
+        head = value.ravel()[:8].tolist()
+        text = repr(head)[:-1] + (", ...]" if value.size > 8 else "]")
+        kind = f"{value.dtype} array of shape {value.shape}"
+    else:
+        text, kind = repr(value), type(value).__name__
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{text} ({kind})"
+
+
+def _attr(path, attrs: h5py.AttributeManager, name: str, where: str, default: Any = KeyError) -> Any:
+    """The attribute's value (a 0-d array as its scalar); `default` if absent, an error if no default."""
+    if name not in attrs:
+        if default is KeyError:
+            raise _error(path, f"{where} attribute {name!r} is missing")
+        return default
+    try:
+        value = attrs[name]
+    except (OSError, TypeError, ValueError, RuntimeError) as exc:  # a datatype h5py cannot read
+        raise _error(path, f"{where} attribute {name!r} cannot be read: {exc}") from None
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    return value
+
+
+def _int_attr(path, attrs, name: str, where: str = "root") -> int:
+    value = _attr(path, attrs, name, where)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _error(path, f"{where} attribute {name!r} must be an integer, got {_show(value)}")
+    return int(value)
+
+
+def _bool_attr(path, attrs, name: str, where: str) -> bool:
+    value = _attr(path, attrs, name, where)
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise _error(path, f"{where} attribute {name!r} must be a boolean, got {_show(value)}")
+
+
+def _str_attr(path, attrs, name: str, where: str = "root", default: Any = KeyError) -> str:
+    value = _attr(path, attrs, name, where, default)
+    if isinstance(value, bytes):  # fixed-length strings written by other tools come back as bytes
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _error(path, f"{where} attribute {name!r} is not UTF-8 text: {_show(value)}") from None
+    if not isinstance(value, str):
+        raise _error(path, f"{where} attribute {name!r} must be a string, got {_show(value)}")
+    return value
+
+
+def _json_attr(path, attrs, name: str, kind: type, default: Any = KeyError) -> Any:
+    text = _str_attr(path, attrs, name, default=default)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _error(path, f"root attribute {name!r} is not valid JSON ({exc}): {_show(text)}") from None
+    if not isinstance(value, kind):
+        expected = {dict: "object", list: "list"}.get(kind, kind.__name__)
+        raise _error(path, f"root attribute {name!r} must be a JSON {expected}, got {_show(text)}")
+    return value
+
+
 def _check_format(path, attrs: h5py.AttributeManager) -> None:
-    fmt = attrs.get("format")
+    fmt = _attr(path, attrs, "format", "root", None)
     if isinstance(fmt, bytes):  # fixed-length strings written by other tools come back as bytes
         fmt = fmt.decode("utf-8", "replace")
-    if fmt != FORMAT:
-        raise _error(path, f"not a featdp feature file: root attribute format={fmt!r}, expected {FORMAT!r}")
-    version = attrs.get("format_version")
+    if not isinstance(fmt, str) or fmt != FORMAT:
+        shown = fmt if isinstance(fmt, str) or fmt is None else _show(fmt)
+        raise _error(path, f"not a featdp feature file: root attribute format={shown!r}, expected {FORMAT!r}")
+    version = _attr(path, attrs, "format_version", "root", None)
     version = version.item() if isinstance(version, np.generic) else version
-    if version != FORMAT_VERSION:
+    if isinstance(version, (bool, float)) or not isinstance(version, int) or version != FORMAT_VERSION:
+        version = version if isinstance(version, (int, float, str, type(None))) else _show(version)
         raise _error(
             path,
             f"unsupported format_version {version!r}; this featdp ({featdp.__version__}) reads "
@@ -134,32 +461,189 @@ def _from_attrs(path, attrs: h5py.AttributeManager) -> FileMetadata:
     missing = [name for name in _ROOT_ATTRS if name not in attrs]
     if missing:
         raise _error(path, f"root attributes missing: {', '.join(missing)}")
-    try:
-        class_names = json.loads(attrs["class_names"])
-        preprocessing = json.loads(attrs["preprocessing"])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise _error(path, f"class_names/preprocessing attribute is not valid JSON: {exc}") from None
-    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
-        raise _error(path, f"class_names must be a JSON list of strings, got {attrs['class_names']!r}")
-    if not isinstance(preprocessing, dict):
-        raise _error(path, f"preprocessing must be a JSON object, got {attrs['preprocessing']!r}")
+    class_names = _json_attr(path, attrs, "class_names", list)
+    if not all(isinstance(c, str) for c in class_names):
+        bad = next(c for c in class_names if not isinstance(c, str))
+        raise _error(path, f"root attribute 'class_names' must be a JSON list of strings, holds {_show(bad)}")
     meta = FileMetadata(
-        feature_dim=int(attrs["feature_dim"]),
-        num_classes=int(attrs["num_classes"]),
+        feature_dim=_int_attr(path, attrs, "feature_dim"),
+        num_classes=_int_attr(path, attrs, "num_classes"),
         class_names=tuple(class_names),
-        backbone=str(attrs["backbone"]),
-        checkpoint=str(attrs["checkpoint"]),
-        checkpoint_sha256=str(attrs["checkpoint_sha256"]),
-        dataset=str(attrs["dataset"]),
-        image_size=int(attrs["image_size"]),
-        preprocessing=preprocessing,
-        created_utc=str(attrs["created_utc"]),
-        featdp_version=str(attrs["featdp_version"]),
-        format_version=int(attrs["format_version"]),
+        backbone=_str_attr(path, attrs, "backbone"),
+        checkpoint=_str_attr(path, attrs, "checkpoint"),
+        checkpoint_sha256=_str_attr(path, attrs, "checkpoint_sha256"),
+        dataset=_str_attr(path, attrs, "dataset"),
+        image_size=_int_attr(path, attrs, "image_size"),
+        preprocessing=_json_attr(path, attrs, "preprocessing", dict),
+        source_fingerprint=_json_attr(path, attrs, "source_fingerprint", dict, default="{}"),
+        created_utc=_str_attr(path, attrs, "created_utc"),
+        featdp_version=_str_attr(path, attrs, "featdp_version"),
+        format_version=_int_attr(path, attrs, "format_version"),
     )
     if meta.feature_dim < 1 or meta.num_classes < 1:
         raise _error(path, f"feature_dim={meta.feature_dim} and num_classes={meta.num_classes} must be >= 1")
+    if len(meta.class_names) != meta.num_classes:
+        raise _error(
+            path,
+            f"num_classes={meta.num_classes} but class_names lists {len(meta.class_names)} names; the two must "
+            "agree",
+        )
     return meta
+
+
+# --- where the data is stored: only inside the file itself ----------------------------------------------
+
+_OUTSIDE = (
+    "featdp reads only data stored inside the feature file itself (no external storage, external or soft "
+    "links, or virtual datasets: they would make it read other files)"
+)
+
+
+def _link_problem(group: h5py.Group, name: str) -> str | None:
+    """Why the link `name` in `group` is not a plain (hard) link, or None. Reads the link, never follows it."""
+    try:
+        link = group.get(name, getlink=True)
+    except (OSError, TypeError, KeyError, ValueError) as exc:  # user-defined link types, among others
+        return f"is a link featdp cannot inspect ({exc})"
+    if isinstance(link, h5py.HardLink):
+        return None
+    if isinstance(link, h5py.ExternalLink):
+        return f"is an external link to {link.path!r} in file {link.filename!r}"
+    if isinstance(link, h5py.SoftLink):
+        return f"is a soft link to {link.path!r}"
+    return f"is a link of unknown type {type(link).__name__}"
+
+
+def _storage_problem(dataset: h5py.Dataset) -> str | None:
+    """Why the dataset's values are not stored in its own file, or None."""
+    plist = dataset.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        sources = sorted({
+            f"{plist.get_virtual_filename(i)}:{plist.get_virtual_dsetname(i)}"
+            for i in range(plist.get_virtual_count())
+        })
+        shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+        return f"is a virtual dataset mapping {shown or 'no source'}"
+    count = plist.get_external_count()
+    if count:
+        files = sorted({os.fsdecode(plist.get_external(i)[0]) for i in range(count)})
+        shown = ", ".join(repr(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        return f"has external storage in {shown}"
+    return None
+
+
+def _check_storage(path, h5: h5py.File) -> None:
+    """Refuses a file in which anything featdp reads (the splits, and every object in them) is not stored
+    in the file itself. Only link metadata and dataset creation properties are read: nothing is followed."""
+    for name in h5:
+        problem = _link_problem(h5, name)
+        if problem is None:
+            obj = h5[name]
+            if isinstance(obj, h5py.Dataset):
+                problem = _storage_problem(obj)
+            elif isinstance(obj, h5py.Group):
+                for child in obj:
+                    where = f"/{name}/{child}"
+                    child_problem = _link_problem(obj, child)
+                    if child_problem is None:
+                        member = obj[child]
+                        child_problem = _storage_problem(member) if isinstance(member, h5py.Dataset) else None
+                    if child_problem is not None:
+                        raise _error(path, f"{where} {child_problem}; {_OUTSIDE}")
+        if problem is not None:
+            raise _error(path, f"/{name} {problem}; {_OUTSIDE}")
+
+
+def _check_written(path, where: str, name: str, dataset: h5py.Dataset, rows: int) -> None:
+    """The first `rows` rows of an unfiltered dataset must be on disk. HDF5 allocates storage only when
+    it is written and answers reads of the rest with the fill value, so a file of a few kilobytes can
+    declare rows and columns by the billion; a split vouches for its rows_done rows, so they must exist.
+    (Compressed datasets, written by other tools, store fewer bytes than they hold: not checked here.)"""
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters():
+        return
+    row_bytes = dataset.dtype.itemsize * math.prod(dataset.shape[1:])
+    needed = rows * row_bytes
+    stored = dataset.id.get_storage_size()
+    if stored < needed:
+        raise _error(
+            path,
+            f"{where}: {name} declares shape {dataset.shape} {dataset.dtype}, and {rows} rows of it "
+            f"({format_bytes(needed)}) are marked written, but the file stores only {format_bytes(stored)} "
+            f"for it (truncated, or not written by featdp)",
+        )
+
+
+def _split_state(path, group: h5py.Group, name: str, feature_dim: int) -> tuple[int, int, bool]:
+    """Checks a split group's datasets and attributes against each other; returns (num_examples,
+    rows_done, complete)."""
+    where = f"split {name!r}"
+    missing = [k for k in ("features", "labels", "index") if not isinstance(group.get(k), h5py.Dataset)]
+    missing += [k for k in ("num_examples", "rows_done", "complete") if k not in group.attrs]
+    if missing:
+        raise _error(path, f"{where} lacks {', '.join(missing)}")
+    features, labels, index = group["features"], group["labels"], group["index"]
+    n = _int_attr(path, group.attrs, "num_examples", where)
+    done = _int_attr(path, group.attrs, "rows_done", where)
+    complete = _bool_attr(path, group.attrs, "complete", where)
+    d = feature_dim
+    if features.ndim != 2 or features.shape[1] != d:
+        raise _error(path, f"{where}: features have shape {features.shape}, but the file's feature_dim is {d}")
+    if features.dtype.name not in _FEATURE_DTYPES or labels.dtype.kind not in "iu" or index.dtype.kind not in "iu":
+        raise _error(
+            path, f"{where}: features {features.dtype} / labels {labels.dtype} / index {index.dtype} unsupported"
+        )
+    if labels.shape != (features.shape[0],) or index.shape != (features.shape[0],):
+        raise _error(
+            path, f"{where}: labels {labels.shape} and index {index.shape} do not match features {features.shape}"
+        )
+    if n != features.shape[0] or not 0 <= done <= n:
+        raise _error(path, f"{where}: num_examples={n}, rows_done={done}, features {features.shape}")
+    if complete and done != n:
+        raise _error(path, f"{where}: marked complete with rows_done={done} of {n}")
+    for dataset_name, dataset in (("features", features), ("labels", labels), ("index", index)):
+        _check_written(path, where, dataset_name, dataset, done)
+    return n, done, complete
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 20 else text[:16] + "…"
+
+
+_ABSENT = object()
+
+
+def _fingerprint_change(dataset: str, have: dict, want: dict) -> str:
+    """Says what differs between the source fingerprint a file records and the current one."""
+    if not have:
+        return (
+            f"the file records no fingerprint of its source (it was written before featdp recorded one), so "
+            f"featdp cannot tell whether {dataset or 'the source'} still holds the examples its rows came from"
+        )
+    old, new = _flatten(have), _flatten(want)
+    changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+    shown = "; ".join(
+        f"{key}: {_short(old.get(key, _ABSENT))} in the file, {_short(new.get(key, _ABSENT))} now"
+        for key in changed[:4]
+    )
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    source = f"the source {dataset}" if dataset else "the source"
+    return (
+        f"{source} changed since the file was created ({shown}{more}); resuming would mix rows of the old "
+        "and the new examples"
+    )
 
 
 def _open_h5(path: pathlib.Path, mode: str) -> h5py.File:
@@ -168,13 +652,35 @@ def _open_h5(path: pathlib.Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
+            raise FileInUseError(
+                f"{path}: in use by another process, which holds HDF5's lock on it (a running extraction, or "
+                f"a program that has it open for writing); try again once it has finished ({exc})"
+            ) from None
         raise _error(path, f"not a readable HDF5 feature file (truncated or corrupt?): {exc}") from None
 
 
+def _open_checked(path: pathlib.Path, mode: str) -> h5py.File:
+    """Opens an existing feature file and checks its format and storage before anything else reads it."""
+    h5 = _open_h5(path, mode)
+    try:
+        _check_format(path, h5.attrs)
+        _check_storage(path, h5)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
+
+
+def _group_names(h5: h5py.File) -> list[str]:
+    """The root's hard-linked groups (the splits); links are not followed."""
+    return [k for k in h5 if isinstance(h5.get(k, getlink=True), h5py.HardLink) and isinstance(h5[k], h5py.Group)]
+
+
 def _split_group(path, h5: h5py.File, name: str) -> h5py.Group:
-    obj = h5.get(name)
+    obj = h5.get(name) if name in _group_names(h5) else None
     if not isinstance(obj, h5py.Group):
-        available = sorted(k for k in h5 if isinstance(h5[k], h5py.Group))
+        available = sorted(_group_names(h5))
         raise _error(path, f"no split {name!r}; available splits: {available or 'none'}")
     return obj
 
@@ -199,7 +705,13 @@ class FeatureWriter:
 
     An existing file is reopened for resuming when its identifying metadata (everything except
     created_utc and featdp_version) equals the arguments; otherwise FeatureFileError, unless
-    overwrite=True, which starts a fresh file.
+    overwrite=True, which starts a fresh file. The identifying metadata includes `source_fingerprint`
+    (what the source held when the file was created), so rows of a changed source are never appended to
+    rows of the old one.
+
+    The writer holds the file's `FeatureFileLock` from before it opens the file until `close()`;
+    FileInUseError if another process holds it. Pass `lock` (held, for the same path) to use a lock the
+    caller took earlier and will release itself.
     """
 
     def __init__(
@@ -215,9 +727,14 @@ class FeatureWriter:
         dataset: str = "",
         image_size: int = 0,
         preprocessing: dict | None = None,
+        source_fingerprint: dict | None = None,
         overwrite: bool = False,
+        lock: FeatureFileLock | None = None,
     ):
         self.path = pathlib.Path(path)
+        self._h5 = None
+        if lock is not None and (not lock.held or os.path.abspath(lock.path) != os.path.abspath(self.path)):
+            raise ValueError(f"lock must be held, and for {self.path}; got one for {lock.path} (held: {lock.held})")
         if int(feature_dim) < 1 or int(num_classes) < 1:
             raise _error(self.path, f"feature_dim={feature_dim} and num_classes={num_classes} must be >= 1")
         if class_names is None:
@@ -228,6 +745,7 @@ class FeatureWriter:
             raise _error(self.path, f"{len(class_names)} class_names given for num_classes={num_classes}")
         # Round-trip through JSON so comparison with a stored file sees what the file would hold.
         preprocessing = json.loads(_canonical_json(self.path, "preprocessing", preprocessing or {}))
+        source_fingerprint = json.loads(_canonical_json(self.path, "source_fingerprint", source_fingerprint or {}))
         wanted = FileMetadata(
             feature_dim=int(feature_dim),
             num_classes=int(num_classes),
@@ -238,30 +756,37 @@ class FeatureWriter:
             dataset=str(dataset),
             image_size=int(image_size),
             preprocessing=preprocessing,
+            source_fingerprint=source_fingerprint,
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             featdp_version=featdp.__version__,
         )
-        if self.path.exists() and not overwrite:
-            self._h5 = _open_h5(self.path, "r+")
-            try:
-                _check_format(self.path, self._h5.attrs)
+        self._lock = lock if lock is not None else FeatureFileLock(self.path).acquire()
+        self._owns_lock = lock is None
+        try:
+            if self.path.exists() and not overwrite:
+                self._h5 = _open_checked(self.path, "r+")
                 self.metadata = _from_attrs(self.path, self._h5.attrs)
                 for name in _IDENTIFYING:
                     have, want = getattr(self.metadata, name), getattr(wanted, name)
-                    if have != want:
-                        raise _error(
-                            self.path,
-                            f"cannot resume: attribute {name!r} differs (file has {have!r}, "
-                            f"arguments give {want!r}); pass overwrite=True to start a fresh file",
-                        )
-            except BaseException:
-                self._h5.close()
-                raise
-        else:
-            self._h5 = _open_h5(self.path, "w")
-            self._h5.attrs.update(_to_attrs(wanted))
-            self._h5.flush()
-            self.metadata = wanted
+                    if have == want:
+                        continue
+                    if name == "source_fingerprint":
+                        reason = _fingerprint_change(wanted.dataset, have, want)
+                    else:
+                        reason = f"attribute {name!r} differs (file has {have!r}, arguments give {want!r})"
+                    raise _error(
+                        self.path,
+                        f"cannot resume: {reason}; pass overwrite=True (featdp extract --overwrite) to start a "
+                        "fresh file",
+                    )
+            else:
+                self._h5 = _open_h5(self.path, "w")
+                self._h5.attrs.update(_to_attrs(wanted))
+                self._h5.flush()
+                self.metadata = wanted
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> FeatureWriter:
         return self
@@ -270,14 +795,19 @@ class FeatureWriter:
         self.close()
 
     def close(self) -> None:
-        self._h5.close()
+        try:
+            if self._h5 is not None:
+                self._h5.close()
+        finally:
+            if self._owns_lock:
+                self._lock.release()
 
     def _group(self, split: str) -> h5py.Group:
         return _split_group(self.path, self._h5, split)
 
     def rows_done(self, split: str) -> int:
         """Rows of `split` durably written so far."""
-        return int(self._group(split).attrs["rows_done"])
+        return _int_attr(self.path, self._group(split).attrs, "rows_done", f"split {split!r}")
 
     def create_split(
         self, name: str, num_examples: int, dtype: str = "float16", chunk_rows: int | None = None
@@ -293,14 +823,14 @@ class FeatureWriter:
             raise _error(self.path, f"split {name!r}: num_examples={n} must be >= 0")
         if name in self._h5:
             group = self._group(name)
-            have = group["features"]
-            if have.shape != (n, d) or have.dtype != np.dtype(dtype):
+            have = group.get("features")
+            if isinstance(have, h5py.Dataset) and (have.shape != (n, d) or have.dtype != np.dtype(dtype)):
                 raise _error(
                     self.path,
                     f"split {name!r} exists with features {have.shape} {have.dtype}, requested "
                     f"{(n, d)} {dtype}; reopen with overwrite=True to start a fresh file",
                 )
-            return int(group.attrs["rows_done"])
+            return _split_state(self.path, group, name, d)[1]
 
         itemsize = np.dtype(dtype).itemsize
         if chunk_rows is None:
@@ -333,8 +863,10 @@ class FeatureWriter:
         """
         group = self._group(split)
         ds = group["features"]
-        start, n, d = int(group.attrs["rows_done"]), int(group.attrs["num_examples"]), self.metadata.feature_dim
         where = f"split {split!r}"
+        start = _int_attr(self.path, group.attrs, "rows_done", where)
+        n = _int_attr(self.path, group.attrs, "num_examples", where)
+        d = self.metadata.feature_dim
 
         features = np.asarray(features)
         labels = np.asarray(labels)
@@ -390,7 +922,9 @@ class FeatureWriter:
     def mark_complete(self, split: str) -> None:
         """Marks `split` complete; all num_examples rows must have been appended."""
         group = self._group(split)
-        done, n = int(group.attrs["rows_done"]), int(group.attrs["num_examples"])
+        where = f"split {split!r}"
+        done = _int_attr(self.path, group.attrs, "rows_done", where)
+        n = _int_attr(self.path, group.attrs, "num_examples", where)
         if done != n:
             raise _error(self.path, f"split {split!r}: cannot mark complete with rows_done={done} of {n}")
         group.attrs["complete"] = np.bool_(True)
@@ -409,9 +943,15 @@ def write_features(
     """Writes whole in-memory splits {name: (features, labels)} at once, each marked complete.
 
     index is arange(n). num_classes defaults to 1 + the largest label. The file is written next to
-    `path` under a temporary name and renamed into place, so a failure never leaves a partial file.
+    `path` under a temporary name and renamed into place, so a failure never leaves a partial file; the
+    destination's lock is held meanwhile, so a file another process is writing is not replaced.
     """
     path = pathlib.Path(path)
+    with FeatureFileLock(path):
+        return _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata)
+
+
+def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata) -> pathlib.Path:
     if path.exists() and not overwrite:
         raise _error(path, "file exists; pass overwrite=True to replace it")
     if not splits:
@@ -448,7 +988,7 @@ def write_features(
         tmp.unlink(missing_ok=True)
         if isinstance(exc, FeatureFileError):
             # Report the destination, not the temporary name the user never asked for.
-            raise FeatureFileError(str(exc).replace(str(tmp), str(path))) from None
+            raise type(exc)(str(exc).replace(str(tmp), str(path))) from None
         raise
     return path
 
@@ -466,8 +1006,8 @@ class Split:
         self.feature_dim = int(self._features.shape[1])
         self.num_classes = num_classes
         self.dtype = self._features.dtype
-        self.complete = bool(group.attrs.get("complete", False))
-        self.rows_done = int(group.attrs.get("rows_done", 0))
+        self.complete = _bool_attr(path, group.attrs, "complete", f"split {name!r}")
+        self.rows_done = _int_attr(path, group.attrs, "rows_done", f"split {name!r}")
 
     def __repr__(self) -> str:
         return (
@@ -480,6 +1020,14 @@ class Split:
         return self.num_examples * self.feature_dim * 4
 
     def _read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = stop - start
+        # The stored rows, their float32 copy, and the labels; small reads are not worth the check.
+        nbytes = rows * self.feature_dim * (self.dtype.itemsize + 4) + rows * 16
+        if nbytes >= _CHECKED_READ_BYTES:
+            check_allocation(
+                nbytes, f"{self.path}: reading rows [{start}, {stop}) of split {self.name!r} "
+                f"({rows} x {self.feature_dim} features)"
+            )
         try:
             features = self._features[start:stop]
             labels = self._labels[start:stop]
@@ -520,15 +1068,19 @@ class Split:
 
 
 class FeatureFile:
-    """Reads a feature file; a context manager. Opening checks the format, not the data."""
+    """Reads a feature file; a context manager. Opening checks the format, the attributes, and that
+    everything is stored in the file itself (see the module docstring), not the data.
+
+    FileInUseError while another process writes the file."""
 
     def __init__(self, path: os.PathLike | str):
         self.path = pathlib.Path(path)
-        self._h5 = _open_h5(self.path, "r")
+        if self.path.exists():
+            _check_not_being_written(self.path)
+        self._h5 = _open_checked(self.path, "r")
         try:
-            _check_format(self.path, self._h5.attrs)
             self.metadata = _from_attrs(self.path, self._h5.attrs)
-            self.split_names = tuple(k for k in self._h5 if isinstance(self._h5[k], h5py.Group))
+            self.split_names = tuple(_group_names(self._h5))
         except BaseException:
             self._h5.close()
             raise
@@ -549,31 +1101,7 @@ class FeatureFile:
         """
         group = _split_group(self.path, self._h5, name)
         where = f"split {name!r}"
-        missing = [k for k in ("features", "labels", "index") if not isinstance(group.get(k), h5py.Dataset)]
-        missing += [k for k in ("num_examples", "rows_done", "complete") if k not in group.attrs]
-        if missing:
-            raise _error(self.path, f"{where} lacks {', '.join(missing)}")
-        features, labels, index = group["features"], group["labels"], group["index"]
-        n, done = int(group.attrs["num_examples"]), int(group.attrs["rows_done"])
-        complete = bool(group.attrs["complete"])
-        d = self.metadata.feature_dim
-        if features.ndim != 2 or features.shape[1] != d:
-            raise _error(
-                self.path,
-                f"{where}: features have shape {features.shape}, but the file's feature_dim is {d}",
-            )
-        if features.dtype.name not in _FEATURE_DTYPES or labels.dtype.kind not in "iu":
-            raise _error(self.path, f"{where}: features {features.dtype} / labels {labels.dtype} unsupported")
-        if labels.shape != (features.shape[0],) or index.shape != (features.shape[0],):
-            raise _error(
-                self.path,
-                f"{where}: labels {labels.shape} and index {index.shape} do not match features "
-                f"{features.shape}",
-            )
-        if n != features.shape[0] or not 0 <= done <= n:
-            raise _error(self.path, f"{where}: num_examples={n}, rows_done={done}, features {features.shape}")
-        if complete and done != n:
-            raise _error(self.path, f"{where}: marked complete with rows_done={done} of {n}")
+        n, done, complete = _split_state(self.path, group, name, self.metadata.feature_dim)
         if not complete:
             if require_complete:
                 raise _error(

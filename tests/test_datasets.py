@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import hashlib
 import json
+import os
 import pathlib
 import pickle
 
@@ -396,3 +398,69 @@ def test_tfds_real_array_record_dataset(tmp_path):
     clone = pickle.loads(pickle.dumps(dataset))
     assert np.array_equal(clone.example("train", 3)[0], examples[3][0])
     assert dataset.description()["file_formats"] == ["array_record"]
+
+
+# ---------------------------------------------------------------- fingerprints (resuming onto a changed source)
+
+
+def _changed_keys(before: dict, after: dict, prefix="") -> set[str]:
+    keys = set()
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys |= _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.add(prefix + key)
+    return keys
+
+
+def test_folder_fingerprint_follows_the_files(image_tree):
+    def fingerprint():
+        return open_dataset(f"folder:{image_tree}").fingerprint()
+
+    first = fingerprint()
+    json.dumps(first)
+    assert first == fingerprint() == pickle.loads(pickle.dumps(open_dataset(f"folder:{image_tree}"))).fingerprint()
+    assert first["splits"]["train"]["files"] == 5 and first["splits"]["test"]["files"] == 2
+
+    path = image_tree / "train/dog/p.png"
+    stat = path.stat()
+    _save(path, Image.new("RGB", (9, 9), (1, 2, 3)))  # replaced: new content, new size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    replaced = fingerprint()
+    assert _changed_keys(first, replaced) == {"splits.train.bytes", "splits.train.sizes_and_mtimes_sha256"}
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))  # rewritten (same size), or touched
+    assert _changed_keys(replaced, fingerprint()) == {"splits.train.sizes_and_mtimes_sha256"}
+
+    path.rename(image_tree / "train/dog/a.png")  # renamed: example order changes
+    assert "splits.train.file_list_sha256" in _changed_keys(replaced, fingerprint())
+
+    _save(image_tree / "test/emu/x.png", Image.new("L", (2, 2)))  # added
+    assert {"splits.test.files", "splits.test.file_list_sha256"} <= _changed_keys(first, fingerprint())
+
+
+def test_fashion_mnist_fingerprint_is_the_files_sha256(tmp_path):
+    directory = write_fashion_mnist(tmp_path / "fm", gz=(False, False))
+    first = open_dataset("fashion_mnist", data_dir=directory).fingerprint()
+    path = directory / "t10k-images-idx3-ubyte"
+    assert first["splits"]["test"][path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one pixel of the last test image
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(0, 10**9))
+    after = open_dataset("fashion_mnist", data_dir=directory).fingerprint()
+    assert _changed_keys(first, after) == {f"splits.test.{path.name}"}
+
+
+def test_tfds_fingerprint_records_version_and_split_sizes(tmp_path):
+    write_tfds_metadata("cifar10", tmp_path / "a", 3, ("train", "test"))
+    write_tfds_metadata("cifar10", tmp_path / "b", 4, ("train", "test"))
+    with tfds.testing.mock_data(num_examples=3, data_dir=str(tmp_path / "a")):
+        a = open_dataset("tfds:cifar10", data_dir=str(tmp_path / "a")).fingerprint()
+    b = open_dataset("tfds:cifar10", data_dir=str(tmp_path / "b")).fingerprint()
+    json.dumps(a)
+    assert a["name"] == "cifar10" and a["version"] == "3.0.2" and a["splits"]["test"]["num_examples"] == 3
+    assert a == open_dataset("tfds:cifar10", data_dir=str(tmp_path / "a")).fingerprint()
+    sizes = ("num_examples", "shard_lengths")
+    assert _changed_keys(a, b) == {f"splits.{s}.{k}" for s in ("train", "test") for k in sizes}

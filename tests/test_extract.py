@@ -230,3 +230,49 @@ def test_a_corrupt_image_is_fatal_and_named(tmp_path):
     result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{root}",
                                       "--out", str(tmp_path / "f.h5"), "--workers", "2"])
     assert result.exit_code != 0 and "001.png" in result.output, result.output
+
+
+def test_resuming_onto_replaced_images_is_refused_unless_overwrite(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=(2, 1))
+    out = tmp_path / "f.h5"
+    command = ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{root}", "--out", str(out), "--workers", "1",
+               "--splits", "train", "--limit", "3"]
+    assert CliRunner().invoke(app, command).exit_code == 0
+    with FeatureFile(out) as handle:
+        assert handle.metadata.source_fingerprint["splits"]["train"]["files"] == 6
+    # Replace the images, as a new download or a re-export would: same names, other pixels.
+    rng = np.random.default_rng(1)
+    for path in sorted(root.glob("*/*/*.png")):
+        Image.fromarray((rng.random((25, 31)) * 255).astype(np.uint8)).save(path)
+        os.utime(path, ns=(10**18, 10**18))
+    for extra in ([], ["--splits", "train,test", "--limit", "3"]):  # finishing the file, or adding a split
+        result = CliRunner().invoke(app, command + extra)
+        assert result.exit_code == 2 and "error:" in result.output, result.output
+        assert f"the source folder:{root} changed" in result.output and "splits.train." in result.output
+        assert "--overwrite" in result.output
+    result = CliRunner().invoke(app, command + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "f.h5.lock").exists()
+
+
+def test_a_batch_size_beyond_memory_stops_before_allocating(folder, tmp_path):
+    out = tmp_path / "f.h5"
+    result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{folder}", "--out",
+                                      str(out), "--workers", "1", "--batch-size", "1000000000"])
+    assert result.exit_code == 2 and "error:" in result.output, result.output
+    assert "--batch-size 1000000000: a batch of 1000000000 images" in result.output
+    assert "TiB" in result.output and "is available" in result.output
+    assert list(tmp_path.iterdir()) == []  # no file, no lock file
+
+
+def test_a_second_extraction_onto_the_same_file_stops_at_once(folder, tmp_path):
+    from featdp.featurefile import FeatureFileLock
+
+    out = tmp_path / "f.h5"
+    with FeatureFileLock(out):  # as a running extraction holds it
+        result = CliRunner().invoke(app, ["extract", "--backbone", BACKBONE, "--dataset", f"folder:{folder}",
+                                          "--out", str(out), "--workers", "1"])
+        assert result.exit_code == 2, result.output
+        assert f"in use by another featdp process (pid {os.getpid()}" in result.output
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -33,6 +33,12 @@ class ImageDataset(Protocol):
         """JSON-able provenance: spec, where the data was read from, versions."""
         ...
 
+    def fingerprint(self) -> dict:
+        """JSON-able, and the same on every call and machine while the source holds the same examples in the
+        same order; different once they change. A feature file records it when it is created, and resuming
+        onto a source with another fingerprint is refused (its rows would mix old and new examples)."""
+        ...
+
 
 class SourceBase:
     """Split/index checks and pickling shared by the sources.

@@ -7,12 +7,12 @@ checked once, on its first example, and kept in memory (47 MB for both splits).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 
 import numpy as np
 
+from featdp.checksums import file_sha256
 from featdp.datasets import idx
 from featdp.datasets.base import DatasetError, SourceBase, SplitInfo
 
@@ -88,11 +88,26 @@ class FashionMnist(SourceBase):
         images, labels = self._load(split)
         return images[index].copy(), int(labels[index])
 
+    def _sha256(self, path: pathlib.Path) -> str:
+        try:
+            return file_sha256(path)
+        except OSError as e:
+            raise DatasetError(f"{self.spec}: cannot read {path}: {e.strerror or e}") from e
+
+    def fingerprint(self) -> dict:
+        """The SHA-256 of each of the four IDX files, by split."""
+        return {
+            "source": "fashion_mnist",
+            "splits": {
+                split: {path.name: self._sha256(path) for path in paths} for split, paths in self.files.items()
+            },
+        }
+
     def description(self) -> dict:
         files = {}
         for split, paths in self.files.items():
             for path in paths:
-                files[path.name] = {"split": split, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                files[path.name] = {"split": split, "sha256": self._sha256(path)}
         return {
             "source": "fashion_mnist",
             "spec": self.spec,

@@ -95,6 +95,31 @@ class FolderDataset(SourceBase):
         label, path = self._locate(split, i)
         return decode_file(path), label
 
+    def fingerprint(self) -> dict:
+        """Per split: the number of files and their total size, a digest of the ordered file list (which
+        fixes what example i is), and a digest of every file's size and modification time (which changes
+        when a file is replaced or rewritten). Stat only: no image is read."""
+        splits = {}
+        for split, s in self._splits.items():
+            names, stats, total = hashlib.sha256(), hashlib.sha256(), 0
+            for label, files in zip(s.classes, s.files):
+                for rel in files:
+                    path = self.root / split / self.class_names[label] / rel
+                    try:
+                        info = os.stat(path)  # follows a symlink: the file whose pixels are read
+                    except OSError as e:
+                        raise DatasetError(f"{self.spec}: cannot stat {path}: {e.strerror or e}") from e
+                    names.update(f"{self.class_names[label]}/{rel}\n".encode())
+                    stats.update(f"{info.st_size} {info.st_mtime_ns}\n".encode())
+                    total += info.st_size
+            splits[split] = {
+                "files": len(s),
+                "bytes": total,
+                "file_list_sha256": names.hexdigest(),
+                "sizes_and_mtimes_sha256": stats.hexdigest(),
+            }
+        return {"source": "folder", "splits": splits}
+
     def description(self) -> dict:
         # A digest of the ordered file list: a resumed run can tell that the folder still has the same order.
         digests = {}

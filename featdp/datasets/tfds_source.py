@@ -8,6 +8,7 @@ TFDS decodes the image; a (H, W, 1) image is returned as (H, W).
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -70,6 +71,20 @@ class TfdsDataset(SourceBase):
         if image_dtype != np.uint8:
             raise DatasetError(f"{spec}: image feature {self.image_key!r} is {image_dtype}, not uint8")
         splits = [SplitInfo(str(name), int(s.num_examples)) for name, s in info.splits.items()]
+        self._fingerprint = {
+            "source": "tfds",
+            "name": builder.name,
+            "config": config,
+            "version": str(info.version),
+            "splits": {
+                str(name): {
+                    "num_examples": int(s.num_examples),
+                    "num_bytes": int(s.num_bytes or 0),
+                    "shard_lengths": [int(n) for n in (s.shard_lengths or ())],
+                }
+                for name, s in info.splits.items()
+            },
+        }
         super().__init__(spec, info.features[self.label_key].names, splits)
 
     def _reset_transient(self) -> None:
@@ -112,6 +127,11 @@ class TfdsDataset(SourceBase):
                 "not a uint8 (H, W[, C]) image"
             )
         return squeeze_gray(image), int(record[self.label_key])
+
+    def fingerprint(self) -> dict:
+        """The builder's name, config and version, and each split's size, bytes and shard lengths, as the
+        prepared dataset's dataset_info.json records them."""
+        return json.loads(json.dumps(self._fingerprint))  # a copy
 
     def description(self) -> dict:
         return {
