@@ -20,6 +20,7 @@ from dp_accounting import dp_event as events
 from featdp import accounting
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.data import ArraySource, DataError, RowSource, TrainingData, maybe_in_memory
+from featdp.featurefile import check_allocation
 from featdp.mechanism import Release, Releaser, ReleaserInterface, make_key, sampling_slack
 from featdp.methods import Method, get_method
 
@@ -116,6 +117,8 @@ def fit(
     n = train.num_examples
     if n == 0:
         raise DataError("the training split is empty: there is nothing to fit")
+    check_allocation(working_memory_bytes(method, train.feature_dim, train.num_classes),
+                     f"method {method.name!r} at d = {train.feature_dim}, K = {train.num_classes}")
     key = make_key(seed)
     releaser = releaser if releaser is not None else Releaser(key)
     source = maybe_in_memory(train)
@@ -148,6 +151,15 @@ def fit(
                            sum(r.coordinates for r in releaser.releases))
     result = _result(method, weights, n, releaser, calibration, key.seeded, elapsed)
     return dataclasses.replace(result, count=count, privacy=privacy, target=target)
+
+
+def working_memory_bytes(method: Method, dim: int, num_classes: int) -> int:
+    """What a fit holds at once, beyond the data: a method may say (`working_memory_bytes(d, K)`); the
+    default covers a d×d statistic, its noisy copy and a decomposition (float64), and a few d×K arrays."""
+    own = getattr(method, "working_memory_bytes", None)
+    if own is not None:
+        return int(own(dim, num_classes))
+    return 8 * (4 * dim * dim + 6 * dim * num_classes)
 
 
 def _result(method, weights, n, releaser, calibration, seeded, elapsed) -> FitResult:

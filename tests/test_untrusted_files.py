@@ -382,3 +382,17 @@ def test_featdps_lock_is_exclusive_and_released(tmp_path):
     assert not lock_path(path).exists()
     with FeatureFileLock(path):
         pass
+
+
+def test_a_fit_whose_matrices_exceed_memory_stops_before_allocating(monkeypatch):
+    """A feature dimension that fits in a small file can still ask for a d×d matrix beyond memory."""
+    import featdp.training as training
+    from featdp.data import ArraySource
+    from featdp.featurefile import AllocationError
+
+    monkeypatch.setattr("featdp.featurefile.available_memory", lambda: 10**6)
+    source = ArraySource(np.ones((4, 600), np.float32), np.array([0, 1, 0, 1]), 2)  # d² · 8 · 4 ≈ 11.5 MB
+    with pytest.raises(AllocationError, match=r"method 'dp-ls' at d = 600, K = 2 needs .* only"):
+        training.fit(source, "dp-ls", epsilon=1.0, delta=1e-5, seed=0)
+    with pytest.raises(AllocationError, match="method 'dp-newton'"):
+        training.fit(source, "dp-newton", epsilon=1.0, delta=1e-5, seed=0, hyperparameters={"steps": 2})

@@ -50,6 +50,11 @@ class DPNewton(Method):
         # d = 3969, K = 10 about 40 s a fit here), which alone would exceed the bench's time budget.
         return ({},)
 
+    def working_memory_bytes(self, dim: int, num_classes: int) -> int:
+        """Beyond W = 0 the K Hessians are accumulated together (K·d² float64)."""
+        stack = num_classes if self.steps > 1 else 0
+        return 8 * ((4 + stack) * dim * dim + 6 * dim * num_classes)
+
     def noise_multipliers(self, noise_scale: float) -> tuple[float, float]:
         """(σ_G, σ_H) per step."""
         return (
