@@ -202,6 +202,8 @@ class Releaser:
         if record.grid == 0:
             return value.copy()
         flat = _independent(value, record.symmetric)
+        if not np.all(np.isfinite(flat)):
+            raise FloatingPointError(f"release {record.name!r}: the statistic is not finite")
         scaled = flat / record.grid  # exact: γ is a power of two
         limit = _INT_LIMIT - 16 * record.grid_scale
         if not np.all(np.abs(scaled) < limit):

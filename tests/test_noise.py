@@ -103,3 +103,11 @@ def test_symmetric_noise_is_mirrored_and_poisson_masks_have_the_rate():
     masks = np.concatenate([releaser.poisson_mask(step, 0, 10_000, 0.2) for step in range(5)])
     assert scipy.stats.binomtest(int(masks.sum()), masks.size, 0.2).pvalue > 1e-4
     assert not np.array_equal(releaser.poisson_mask(0, 0, 100, 0.5), releaser.poisson_mask(1, 0, 100, 0.5))
+
+
+def test_the_real_releaser_and_every_stand_in_implement_the_interface():
+    from featdp.audit.recording import Recorder, Replay
+
+    real = mechanism.Releaser(mechanism.make_key(0))
+    for releaser in (real, Recorder(real), Replay([]), Replay([], masks=real)):
+        assert isinstance(releaser, mechanism.ReleaserInterface), type(releaser).__name__
