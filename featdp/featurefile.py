@@ -1,6 +1,6 @@
 """The HDF5 feature file: the only thing passed from extraction (stage one) to fitting (stage two).
 
-Layout, format version 1 (DESIGN.md section 5)::
+Layout, format version 1 (this docstring is the format's specification)::
 
     /                  attrs: format, format_version, featdp_version, backbone, checkpoint,
                               checkpoint_sha256, dataset, image_size, preprocessing (JSON),

@@ -15,7 +15,7 @@ _FLOAT32_FROM_DIM = 1024
 
 
 def psd_ridge_solve(matrix: np.ndarray, lam: float, rhs: np.ndarray) -> np.ndarray:
-    """(PSD(M) + λI)⁻¹ rhs, where PSD sets M's negative eigenvalues to 0 (DESIGN §3).
+    """(PSD(M) + λI)⁻¹ rhs, where PSD sets M's negative eigenvalues to 0.
 
     Noise makes a released Gram matrix indefinite; projecting first keeps the system positive definite
     for any λ > 0, and one eigendecomposition gives both the projection and the solve.

@@ -1,7 +1,7 @@
 """Fit a head: release the example count, calibrate the method's noise to what remains of (ε, δ), run it
 with fresh OS randomness, and account for the run as it was sampled.
 
-Privacy model (DESIGN §2, as implemented): neighbours differ by adding or removing one example, so the
+Privacy model, as implemented (README: "Privacy as implemented"): neighbours differ by adding or removing one example, so the
 true n is private. A fit therefore first releases a noisy count ñ (Δ = 1, `COUNT_SHARE` of ε, and of δ
 when δ is given), and everything that needs n — the Poisson rate q = B/ñ, mean gradients, ridge floors,
 the default δ — uses ñ. The count and the method compose by basic composition (ε_c + ε_m, δ_c + δ_m),

@@ -1,6 +1,6 @@
 """The canary audit: many fits, half of them with a canary, and a lower bound on ε from its scores.
 
-In trial t (of M) the canary C·e_f (DESIGN §2's worst case: a direction the other examples leave unused)
+In trial t (of M) the canary C·e_f (the worst case for a linear head: a direction the other examples leave unused)
 is included iff t is even; the method's own `fit` runs at the noise scale `featdp fit` would calibrate for
 the claimed (ε, δ), with the key child(root, t) through the given releaser, and the canary is scored. If
 the method is (ε, δ)-DP, any test separating the two score samples has TPR ≤ e^ε·FPR + δ; Clopper–Pearson

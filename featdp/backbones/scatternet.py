@@ -31,7 +31,7 @@ Choices, each as in the paper's code (ftramer/Handcrafted-DP) unless stated:
   changes only the groups that hold an order-0 (low-pass) channel.
 * Normalisation: GroupNorm without learned affine parameters over 27 groups of consecutive channels
   (3 per group for gray, 9 for RGB), biased variance, eps 1e-5 (torch `nn.GroupNorm(27, K,
-  affine=False)`). It uses one example's own coefficients only, so it is privacy-free (DESIGN.md §2).
+  affine=False)`). It uses one example's own coefficients only, so it is privacy-free (a per-example map).
   Departure: the paper used GroupNorm(27) for Fashion-MNIST only, and for MNIST and CIFAR-10 a
   BatchNorm whose statistics are released with DP noise; that is a separate, accounted release and is
   not part of a backbone.
