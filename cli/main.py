@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import sys
@@ -10,7 +11,9 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from featdp import __version__
 
@@ -22,6 +25,8 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+# User-derived text (paths, split and attribute values, messages quoting them) is printed as rich `Text`
+# or through `escape`, never as markup: `[bold]` or `[nan]` in a value would vanish and `[/x]` would crash.
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -29,8 +34,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from featdp.data import DataError
     from featdp.featurefile import FeatureFileError
     from featdp.methods import HyperparameterError
+    from featdp.report import OutputError
 
-    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError)
+    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError, OutputError)
 
 
 def _extraction_errors() -> tuple[type[Exception], ...]:
@@ -39,13 +45,33 @@ def _extraction_errors() -> tuple[type[Exception], ...]:
     from featdp.extract import ExtractError
     from featdp.featurefile import FeatureFileError
 
-    # Checkpoint readers raise their own ValueError subclasses and FileNotFoundError for missing files.
-    return (BackboneError, DatasetError, ExtractError, FeatureFileError, FileNotFoundError, PermissionError, ValueError)
+    # Checkpoint readers raise their own ValueError subclasses and FileNotFoundError for missing files;
+    # a directory given as a checkpoint is IsADirectoryError.
+    return (BackboneError, DatasetError, ExtractError, FeatureFileError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, ValueError)
 
 
 def _fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _warn(message) -> None:
+    errors.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _warnings_printed(ignore: tuple[type[Warning], ...] = ()):
+    """Collects a job's warnings and prints them as `warning:` lines when it ends, also when it fails (a
+    warning that preceded the error is part of the story)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if not issubclass(warning.category, ignore):
+                    _warn(warning.message)
 
 
 def _parse_sets(pairs: List[str]) -> dict[str, str]:
@@ -56,6 +82,9 @@ def _parse_sets(pairs: List[str]) -> dict[str, str]:
             _fail(f"--set expects KEY=VALUE, got {pair!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+TEST_SPLIT_HELP = "Split to report top-1 on; it must exist. --test-split '' fits without a test accuracy."
 
 
 @app.command()
@@ -69,7 +98,7 @@ def fit(
     sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
     train_split: str = typer.Option("train", "--train-split"),
-    test_split: str = typer.Option("test", "--test-split"),
+    test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
 ):
     """Train a private linear head on the train split and report test accuracy."""
     from featdp.jobs import fit_feature_file
@@ -81,14 +110,11 @@ def fit(
         method_obj = type(method_obj).from_strings(overrides)
         if out is None:
             out = pathlib.Path("heads") / (f"{method}_eps{eps:g}" if eps is not None else method)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_printed():
             job = fit_feature_file(
                 features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant,
                 train_split=train_split, test_split=test_split, out_dir=out,
             )
-        for warning in caught:
-            errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     except _user_errors() as error:
         _fail(str(error))
     _print_summary(job)
@@ -112,7 +138,7 @@ def _print_summary(job) -> None:
     table.add_row("fit time", f"{report['fit_seconds']:.2f} s")
     if report["noise_seeded"]:
         table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
-    table.add_row("written", str(job.out_dir))
+    table.add_row("written", Text(str(job.out_dir)))
     console.print(table)
 
 
@@ -129,7 +155,7 @@ def tune(
     accountant: str = typer.Option("rdp", "--accountant", help="rdp (the only accountant with the Papernot–Steinke bound)."),
     out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
     train_split: str = typer.Option("train", "--train-split"),
-    test_split: str = typer.Option("test", "--test-split"),
+    test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
 ):
     """Choose a method and hyperparameters privately (random stopping, Papernot & Steinke 2022) and write the chosen head."""
     from featdp.jobs import tune_feature_file
@@ -143,16 +169,13 @@ def tune(
         build_candidates(methods, grid, 1000.0)  # unknown or non-private methods, bad grid keys and values
         if out is None:
             out = pathlib.Path("heads") / f"tune_eps{eps:g}"
-        with warnings.catch_warnings(record=True) as caught, _run_progress() as progress:
-            warnings.simplefilter("always")
+        # RuntimeWarnings are numpy's, from the accountants' searches.
+        with _warnings_printed(ignore=(RuntimeWarning,)), _run_progress() as progress:
             job = tune_feature_file(
                 features, methods, epsilon=eps, delta=delta, mean_runs=mean_runs, shape=shape, grid=grid,
                 seed=seed, accountant=accountant, train_split=train_split, test_split=test_split, out_dir=out,
                 on_run=progress,
             )
-        for warning in caught:
-            if not issubclass(warning.category, RuntimeWarning):  # numpy's, from the accountants' searches
-                errors.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     except (SelectionError, *_user_errors()) as error:
         _fail(str(error))
     _print_tune_summary(job)
@@ -188,8 +211,8 @@ def _print_tune_summary(job) -> None:
     report = job.report
     selection = report["selection"]
     table = Table(show_header=False, box=None)
-    table.add_row("chosen", f"{report['method']} "
-                            + " ".join(f"{k}={v}" for k, v in report["hyperparameters"].items()))
+    table.add_row("chosen", Text(f"{report['method']} "
+                                 + " ".join(f"{k}={v}" for k, v in report["hyperparameters"].items())))
     table.add_row("noisy validation top-1", f"{report['validation']['noisy_accuracy']:.4f} "
                                             f"(≈ {report['validation']['public_size']:.0f} examples, noise std "
                                             f"{report['validation']['noise_std']:.3g})")
@@ -204,7 +227,7 @@ def _print_tune_summary(job) -> None:
     table.add_row("time", f"{report['tune_seconds']:.2f} s")
     if report["noise_seeded"]:
         table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
-    table.add_row("written", str(job.out_dir))
+    table.add_row("written", Text(str(job.out_dir)))
     console.print(table)
 
 
@@ -216,16 +239,16 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
     try:
         with FeatureFile(features) as handle:
             meta = handle.metadata.to_json_dict()
-            table = Table(title=str(features), show_header=False)
+            table = Table(title=Text(str(features)), show_header=False)
             for key, value in meta.items():
                 text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
-                table.add_row(key, text if len(text) < 200 else text[:197] + "...")
+                table.add_row(Text(key), Text(text if len(text) < 200 else text[:197] + "..."))
             console.print(table)
             splits = Table("split", "examples", "rows done", "dim", "dtype", "complete")
             for name in handle.split_names:
                 split = handle.split(name, require_complete=False)
-                splits.add_row(name, str(split.num_examples), str(split.rows_done), str(split.feature_dim),
-                               str(split.dtype), str(split.complete))
+                splits.add_row(Text(name), str(split.num_examples), str(split.rows_done), str(split.feature_dim),
+                               Text(str(split.dtype)), str(split.complete))
             console.print(splits)
     except _user_errors() as error:
         _fail(str(error))
@@ -347,7 +370,7 @@ def demo(
     # One file per (backbone, limit): a quick `--limit` run neither clashes with nor replaces the full file.
     features = out / f"fashion_mnist_{backbone}{f'_first{limit}' if limit else ''}.h5"
     console.print(f"[bold]1/2[/] extracting Fashion-MNIST {'(first %d images per split) ' % limit if limit else ''}"
-                  f"with {backbone} into {features} (resumable; reused when complete)")
+                  f"with {escape(backbone)} into {escape(str(features))} (resumable; reused when complete)")
     started = time.perf_counter()
     try:
         with _progress_reporter() as report:
@@ -385,7 +408,8 @@ def demo(
                   highlight=False)
     if backbone == "scatternet" and not limit:
         console.print("published: Tramèr & Boneh 2021, ScatterNet + linear head, DP-SGD: 89.7% at ε = 3, δ = 1e-5.")
-    console.print(f"total {time.perf_counter() - started:.0f} s; heads and privacy reports under {out}/")
+    console.print(f"total {time.perf_counter() - started:.0f} s; heads and privacy reports under {escape(str(out))}/",
+                  highlight=False)
 
 
 @app.command()
@@ -395,7 +419,9 @@ def bench(
     delta: float = typer.Option(1e-5, "--delta"),
     seeds: int = typer.Option(5, "--seeds", help="Fits per (method, ε); seeds 0…N−1."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated; default: every method."),
-    tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report rows tuned on held-out train data."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report oracle rows: hyperparameters chosen on held-out train data, NOT private."),
+    private_tune: bool = typer.Option(True, "--private-tune/--no-private-tune", help="Also report private-tuned rows: hyperparameters chosen by `featdp tune`'s random stopping within the same ε."),
+    mean_runs: Optional[float] = typer.Option(None, "--mean-runs", help="Mean number of runs R of the private selection; default: each method's grid size."),
     peers: str = typer.Option("", "--peers", help="Comma-separated peers: opacus-dpsgd, diffprivlib-logreg, sklearn-logreg."),
     peer_eps: Optional[str] = typer.Option(None, "--peer-eps", help="ε for the private peers; default: --eps."),
     peer_seeds: Optional[int] = typer.Option(None, "--peer-seeds", help="Seeds for the peers; default: --seeds."),
@@ -405,13 +431,14 @@ def bench(
     test_split: str = typer.Option("test", "--test-split"),
     accountant: str = typer.Option("pld", "--accountant"),
 ):
-    """Every method × ε × seed on one feature file (plus tuned, non-private and peer rows): tables and a plot."""
+    """Every method × ε × seed on one feature file (plus private-tuned, oracle, non-private and peer rows): tables and a plot."""
     from featdp.bench import report as bench_report
     from featdp.bench.runner import BenchConfig, BenchError, load_splits, run_bench
 
     command = " ".join(
         [f"featdp bench {features} --eps {eps} --delta {delta:g} --seeds {seeds}"]
         + ([f"--methods {methods}"] if methods else []) + ([] if tune else ["--no-tune"])
+        + ([] if private_tune else ["--no-private-tune"]) + ([f"--mean-runs {mean_runs:g}"] if mean_runs is not None else [])
         + ([f"--peers {peers}"] if peers else []) + ([f"--peer-eps {peer_eps}"] if peer_eps else [])
         + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else []) + ([f"--accountant {accountant}"] if accountant != "pld" else [])
     )
@@ -422,16 +449,17 @@ def bench(
         _fail(f"--eps and --peer-eps expect comma-separated numbers, got {eps!r} / {peer_eps!r}")
     try:
         config = BenchConfig(
-            epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, accountant=accountant,
-            methods=tuple(methods.split(",")) if methods else None,
+            epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, private_tune=private_tune, mean_runs=mean_runs,
+            accountant=accountant, methods=tuple(methods.split(",")) if methods else None,
             peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons, peer_seeds=peer_seeds,
         )
         train, test = load_splits(features, train_split, test_split)
 
         def show(row):
             budget = "non-private" if row.epsilon is None else f"ε={row.epsilon:g} seed {row.seed}"
-            console.print(f"  {row.kind:<11} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
-                          f"{row.fit_seconds:7.2f} s", highlight=False)
+            spent = f"  (reported ε {row.epsilon_spent:.4f})" if row.kind == "private-tuned" else ""
+            console.print(f"  {row.kind:<13} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
+                          f"{row.fit_seconds:7.2f} s{spent}", highlight=False)
 
         result = run_bench(train, test, config, on_row=show)
     except (BenchError, *_user_errors()) as error:
@@ -461,12 +489,15 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file made by a different command."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16."),
     workers: Optional[int] = typer.Option(
-        None, "--workers", help="Loader processes decoding and resizing images (default: min(16, CPU count)); 1 loads in this process."
+        None, "--workers", help="Loader processes decoding and resizing images (default: min(16, CPU count)); 0 or 1 loads in this process."
     ),
 ):
     """Extract features of a frozen backbone into a feature file (resumable: re-run the same command)."""
     from featdp.extract import ExtractConfig, extract as run_extract
 
+    if workers is not None and workers < 0:
+        # extract.py starts loader processes only for workers > 1: 0 and 1 both load in this process.
+        _fail(f"--workers must be ≥ 0 (0 or 1: load in this process), got {workers}")
     config = ExtractConfig(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
         data_dir=data_dir, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, batch_size=batch_size,
@@ -477,7 +508,7 @@ def extract(
             path = run_extract(config, on_progress=report)
     except _extraction_errors() as error:
         _fail(str(error))
-    console.print(f"wrote {path}")
+    console.print(Text(f"wrote {path}"))
 
 
 class _progress_reporter:  # noqa: N801 - used as a context manager
@@ -498,11 +529,12 @@ class _progress_reporter:  # noqa: N801 - used as a context manager
 
     def __call__(self, progress) -> None:
         if self._bar is None:
-            console.print(f"{progress.split}: {progress.rows_done}/{progress.num_examples} rows, "
-                          f"{progress.images_per_second:.0f} img/s", highlight=False)
+            console.print(Text(f"{progress.split}: {progress.rows_done}/{progress.num_examples} rows, "
+                               f"{progress.images_per_second:.0f} img/s"), highlight=False)
             return
         if progress.split not in self._tasks:
-            self._tasks[progress.split] = self._bar.add_task(progress.split, total=progress.num_examples, rate=0.0)
+            self._tasks[progress.split] = self._bar.add_task(escape(progress.split), total=progress.num_examples,
+                                                             rate=0.0)
         self._bar.update(self._tasks[progress.split], completed=progress.rows_done, rate=progress.images_per_second)
 
     def __exit__(self, *exc_info):

@@ -43,6 +43,8 @@ def normalized_sha256(expected: str) -> str:
 def verify_sha256(path: os.PathLike | str, expected: str) -> str:
     """Checks the file against a pinned digest; returns the digest or raises ChecksumMismatchError."""
     expected = normalized_sha256(expected)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     actual = file_sha256(path)

@@ -1,8 +1,14 @@
 """The `fit` and `tune` jobs over a feature file: validate, train (or select privately) on one split, evaluate
-on another, write outputs."""
+on another, write outputs.
+
+The output directory is checked and locked before the feature file is even opened (a bad or busy `out_dir`
+fails at once, not after the fit), and stays locked until head and report are in place as one unit
+(`featdp.report.output_directory`). A named test split must exist; None or "" skips the evaluation.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -12,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from featdp import report as report_lib
 from featdp.checksums import file_sha256
 from featdp.featurefile import FeatureFile, FeatureFileError
+from featdp.report import OutputError, OutputInUseError
 from featdp.training import FitResult, fit
 
 if TYPE_CHECKING:
@@ -38,33 +45,34 @@ def fit_feature_file(
     train_split: str = "train",
     test_split: str | None = "test",
     out_dir: str | os.PathLike | None = None,
+    device: str = "auto",
 ) -> FitJobResult:
-    """Fits on `train_split`, reports top-1 on `test_split` (if present), writes head + report to `out_dir`."""
+    """Fits on `train_split`, reports top-1 on `test_split` (None or "": no evaluation), writes head + report
+    to `out_dir` as one unit. `device`: where the passes over the data run (`featdp.training.fit`)."""
     path = pathlib.Path(path)
-    with FeatureFile(path) as features:
-        train = features.split(train_split)
-        test = None
-        if test_split is not None and test_split in features.split_names:
-            test = features.split(test_split)
-        result = fit(
-            train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
-            hyperparameters=hyperparameters,
+    with _locked_output(out_dir) as target:
+        with FeatureFile(path) as features:
+            train = features.split(train_split)
+            test = _test_split(features, test_split)
+            result = fit(
+                train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
+                hyperparameters=hyperparameters, device=device,
+            )
+            accuracy = result.accuracy(test) if test is not None else None
+            metadata = features.metadata
+        report = report_lib.privacy_report(
+            result,
+            input_file=str(path),
+            input_sha256=file_sha256(path),
+            train_split=train_split,
+            test_split=test_split if test is not None else None,
+            test_accuracy=accuracy,
+            fit_seconds=result.fit_seconds,
+            backbone=metadata.backbone,
+            dataset=metadata.dataset,
         )
-        accuracy = result.accuracy(test) if test is not None else None
-        metadata = features.metadata
-    report = report_lib.privacy_report(
-        result,
-        input_file=str(path),
-        input_sha256=file_sha256(path),
-        train_split=train_split,
-        test_split=test_split if test is not None else None,
-        test_accuracy=accuracy,
-        fit_seconds=result.fit_seconds,
-        backbone=metadata.backbone,
-        dataset=metadata.dataset,
-    )
-    if out_dir is not None:
-        out_dir = report_lib.write_outputs(out_dir, result, report, class_names=metadata.class_names)
+        if target is not None:
+            out_dir = target.write(result, report, class_names=metadata.class_names)
     return FitJobResult(result, accuracy, report, out_dir)
 
 
@@ -93,37 +101,56 @@ def tune_feature_file(
     on_run: Callable[[int, int], None] | None = None,
 ) -> TuneJobResult:
     """Private selection (`featdp.selection.select`) on `train_split`, top-1 of the chosen head on
-    `test_split` (if present); head + privacy report written to `out_dir`, all or nothing."""
+    `test_split` (None or "": no evaluation); head + privacy report written to `out_dir` as one unit."""
     from featdp import selection
 
     options = {k: v for k, v in (("mean_runs", mean_runs), ("shape", shape)) if v is not None}
     path = pathlib.Path(path)
     started = time.perf_counter()
-    with FeatureFile(path) as features:
-        train = features.split(train_split)
-        test = None
-        if test_split is not None and test_split in features.split_names:
-            test = features.split(test_split)
-        result = selection.select(
-            train, methods, epsilon=epsilon, delta=delta, grid=grid, seed=seed, accountant=accountant,
-            on_run=on_run, **options,
+    with _locked_output(out_dir) as target:
+        with FeatureFile(path) as features:
+            train = features.split(train_split)
+            test = _test_split(features, test_split)
+            result = selection.select(
+                train, methods, epsilon=epsilon, delta=delta, grid=grid, seed=seed, accountant=accountant,
+                on_run=on_run, **options,
+            )
+            accuracy = result.accuracy(test) if test is not None else None
+            metadata = features.metadata
+        report = selection.selection_report(
+            result,
+            input_file=str(path),
+            input_sha256=file_sha256(path),
+            train_split=train_split,
+            test_split=test_split if test is not None else None,
+            test_accuracy=accuracy,
+            tune_seconds=time.perf_counter() - started,
+            backbone=metadata.backbone,
+            dataset=metadata.dataset,
         )
-        accuracy = result.accuracy(test) if test is not None else None
-        metadata = features.metadata
-    report = selection.selection_report(
-        result,
-        input_file=str(path),
-        input_sha256=file_sha256(path),
-        train_split=train_split,
-        test_split=test_split if test is not None else None,
-        test_accuracy=accuracy,
-        tune_seconds=time.perf_counter() - started,
-        backbone=metadata.backbone,
-        dataset=metadata.dataset,
-    )
-    if out_dir is not None:
-        out_dir = report_lib.write_outputs(out_dir, result, report, class_names=metadata.class_names)
+        if target is not None:
+            out_dir = target.write(result, report, class_names=metadata.class_names)
     return TuneJobResult(result, accuracy, report, out_dir)
 
 
-__all__ = ["FeatureFileError", "FitJobResult", "TuneJobResult", "fit_feature_file", "tune_feature_file"]
+def _locked_output(out_dir):
+    """`report.output_directory(out_dir)`, or nothing to write when `out_dir` is None."""
+    return contextlib.nullcontext() if out_dir is None else report_lib.output_directory(out_dir)
+
+
+def _test_split(features: FeatureFile, name: str | None):
+    """The split to evaluate on: None when `name` is None or "" (no evaluation); a name the file lacks is an
+    error listing the splits it has, not a silently skipped evaluation."""
+    if not name:
+        return None
+    if name not in features.split_names:
+        raise FeatureFileError(
+            f"{features.path}: no split {name!r} to test on; available splits: "
+            f"{', '.join(features.split_names) or 'none'}; --test-split '' (test_split=None) fits without "
+            "a test accuracy"
+        )
+    return features.split(name)
+
+
+__all__ = ["FeatureFileError", "FitJobResult", "OutputError", "OutputInUseError", "TuneJobResult", "fit_feature_file",
+           "tune_feature_file"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 
 import h5py
 import numpy as np
@@ -231,3 +233,204 @@ def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
     assert invoke(*args, "--limit", 40, "--eps", 1).exit_code == 0
     again = content()
     assert again[0] == created and np.array_equal(again[1], rows)
+
+
+# --- untrusted input, crashes: every failure an `error:` line with exit code 2, none after the work ----------
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the fit started although it was bound to fail")
+
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """The fit and the selection fail the test if reached: a bad --out or argument must stop before them."""
+    import featdp.jobs
+    import featdp.selection
+
+    monkeypatch.setattr(featdp.jobs, "fit", _must_not_run)
+    monkeypatch.setattr(featdp.selection, "select", _must_not_run)
+
+
+def _unusable_out(tmp_path, kind):
+    if kind == "an existing file":
+        (tmp_path / "taken").write_text("x")
+        return tmp_path / "taken", "exists and is not a directory"
+    if kind == "under a file":
+        (tmp_path / "file").write_text("x")
+        return tmp_path / "file" / "sub" / "out", "is not a directory"
+    if kind == "read-only directory":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        return locked / "out", "permission denied"
+    if not os.path.isdir("/sys") or os.path.exists("/sys/featdp-test"):
+        pytest.skip("no sysfs")
+    return pathlib.Path("/sys/featdp-test/out"), "cannot create /sys/featdp-test"  # refused even to root
+
+
+@pytest.mark.parametrize("command", ["fit", "tune"])
+@pytest.mark.parametrize("kind", ["an existing file", "under a file", "read-only directory", "sysfs"])
+def test_an_unusable_out_is_an_error_line_before_the_work(features, tmp_path, no_fit, command, kind):
+    out, fragment = _unusable_out(tmp_path, kind)
+    method = ["--method", "dp-ls", "--eps", "1"]
+    result = invoke(command, features, *method, "--out", out)
+    assert result.exit_code == 2 and "error:" in result.output and fragment in result.output, result.output
+    assert not result.exception or isinstance(result.exception, SystemExit)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "command, args, fragment",
+    [
+        ("fit", ["--method", "dp-ls", "--set", "clip_norm=inf"], "clip_norm must be a finite number, got inf"),
+        ("fit", ["--method", "dp-sgd", "--set", "lr=inf"], "lr must be a finite number, got inf"),
+        ("fit", ["--method", "dp-fc", "--set", "lr=-inf"], "lr must be a finite number"),
+        ("fit", ["--method", "dp-ls", "--set", "lam=nan"], "lam must be a finite number, got nan"),
+        ("fit", ["--method", "dp-newton", "--set", "hessian_share=inf"], "hessian_share must be a finite number"),
+        ("tune", ["--method", "dp-sgd", "--grid", "lr=1,inf"], "lr must be a finite number, got inf"),
+    ],
+)
+def test_an_infinite_hyperparameter_is_refused_before_the_fit(features, tmp_path, no_fit, command, args, fragment):
+    result = invoke(command, features, "--eps", "1", *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_float_hyperparameter_of_every_method_must_be_finite():
+    import dataclasses
+
+    from featdp.methods import HyperparameterError, get_method, registry
+
+    for name, cls in registry().items():
+        for field in dataclasses.fields(cls):
+            if "float" in str(field.type):
+                for bad in (float("inf"), float("-inf"), float("nan")):
+                    with pytest.raises(HyperparameterError, match=f"{field.name} must be a finite number"):
+                        get_method(name, **{field.name: bad})
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 + 1, 10**40, -(2**70)])
+def test_a_seed_of_any_size_works_and_reproduces(features, tmp_path, seed):
+    heads = []
+    for run in ("a", "b"):
+        result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--seed", seed, "--out", tmp_path / run)
+        assert result.exit_code == 0, result.output
+        heads.append(np.load(tmp_path / run / "head.npz")["weights"])
+    assert np.array_equal(*heads)
+    result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--seed", seed + 1, "--out", tmp_path / "c")
+    assert result.exit_code == 0 and not np.array_equal(heads[0], np.load(tmp_path / "c" / "head.npz")["weights"])
+    result = invoke("tune", features, "--method", "dp-ls", "--eps", "1", "--mean-runs", "2", "--seed", seed,
+                    "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "t" / "privacy_report.json").read_text())["noise_seeded"] is True
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda h: h.attrs.__setitem__("feature_dim", "six"), "'feature_dim' must be an integer, got 'six'"),
+        (lambda h: h.attrs.__setitem__("num_classes", 3.0), "'num_classes' must be an integer, got 3.0"),
+        (lambda h: h.attrs.__setitem__("class_names", 7), "'class_names' must be a string, got 7"),
+        (lambda h: h["train"].attrs.__setitem__("complete", "yes"), "'complete' must be a boolean, got 'yes'"),
+        (lambda h: h["test"].attrs.__setitem__("rows_done", 1.5), "'rows_done' must be an integer, got 1.5"),
+    ],
+)
+def test_an_attribute_of_the_wrong_type_is_an_error_line_through_fit(features, tmp_path, edit, fragment):
+    _edit(features, edit)
+    result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "error:" in result.output and fragment in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_text_is_printed_verbatim_not_as_markup(features, tmp_path, monkeypatch):
+    # [/x] crashed rich's markup parser (a traceback, exit 1); [nan] and [bold] vanished from the message.
+    result = invoke("fit", features, "--method", "[/x]", "--eps", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "unknown method '[/x]'" in result.output, result.output
+    result = invoke("fit", features, "--method", "dp-sgd", "--eps", "1", "--set", "steps=[nan]",
+                    "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "steps='[nan]'" in result.output, result.output
+    monkeypatch.chdir(tmp_path)  # a short path: the summary table is cut to the terminal's width
+    result = invoke("fit", features, "--method", "ridge", "--out", "[bold]head[/x]")
+    assert result.exit_code == 0 and "written     [bold]head[/x]" in result.output, result.output
+    _edit(features, lambda h: h.attrs.__setitem__("backbone", "[/x] [bold]net"))
+    result = invoke("info", features)
+    assert result.exit_code == 0 and "[/x] [bold]net" in result.output, result.output
+
+    import featdp.jobs
+    from featdp.data import DataError
+
+    def warn_then_fail(*args, **kwargs):
+        import warnings
+
+        warnings.warn("delta [nan] is [/x] odd")
+        raise DataError("split [bold]train[/bold] is [/x] bad")
+
+    monkeypatch.setattr(featdp.jobs, "fit_feature_file", warn_then_fail)
+    result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--out", tmp_path / "w")
+    assert result.exit_code == 2, result.output
+    assert "warning: delta [nan] is [/x] odd" in result.output
+    assert "error: split [bold]train[/bold] is [/x] bad" in result.output
+
+
+@pytest.mark.parametrize("command", ["fit", "tune"])
+def test_a_missing_test_split_is_an_error_listing_the_splits(features, tmp_path, no_fit, command):
+    result = invoke(command, features, "--method", "dp-ls", "--eps", "1", "--test-split", "nope",
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "no split 'nope' to test on" in result.output and "available splits: test, train" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "tune"])
+def test_an_empty_test_split_fits_without_a_test_accuracy(features, tmp_path, command):
+    out = tmp_path / "out"
+    result = invoke(command, features, "--method", "dp-ls", "--eps", "1", "--mean-runs", "2", "--test-split", "",
+                    "--out", out) if command == "tune" else invoke(
+        command, features, "--method", "dp-ls", "--eps", "1", "--test-split", "", "--out", out)
+    assert result.exit_code == 0 and "test top-1" not in result.output, result.output
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["test_split"] is None and report["test_accuracy"] is None
+
+
+def _image_folder(root, per_class=2):
+    from PIL import Image
+
+    for c, name in enumerate(("ant", "bee")):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((12, 12, 3), 40 * i + 100 * c, np.uint8)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_checkpoint_that_is_a_directory_is_an_error_line(tmp_path, pinned):
+    root = _image_folder(tmp_path / "images")
+    (tmp_path / "weights").mkdir()
+    args = ["extract", "--backbone", "efficientnet-lite0", "--dataset", f"folder:{root}", "--workers", "1",
+            "--checkpoint", tmp_path / "weights", "--out", tmp_path / "f.h5"]
+    result = invoke(*args, *(["--checkpoint-sha256", "0" * 64] if pinned else []))
+    assert result.exit_code == 2 and "error:" in result.output, result.output
+    assert "is a directory, not a checkpoint file" in result.output and not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("workers", ["-1", "-3"])
+def test_negative_extract_workers_are_refused(tmp_path, workers):
+    root = _image_folder(tmp_path / "images")
+    result = invoke("extract", "--backbone", "scatternet", "--dataset", f"folder:{root}", "--workers", workers,
+                    "--out", tmp_path / "f.h5")
+    assert result.exit_code == 2 and f"--workers must be ≥ 0 (0 or 1: load in this process), got {workers}" in (
+        result.output), result.output
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_zero_extract_workers_load_in_this_process(tmp_path):
+    pytest.importorskip("kymatio")
+    root = _image_folder(tmp_path / "images")
+    args = ["extract", "--backbone", "scatternet", "--dataset", f"folder:{root}", "--limit", "2"]
+    for workers in ("0", "1"):
+        result = invoke(*args, "--workers", workers, "--out", tmp_path / f"w{workers}.h5")
+        assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "w0.h5") as zero, h5py.File(tmp_path / "w1.h5") as one:
+        assert np.array_equal(zero["train/features"][:], one["train/features"][:])

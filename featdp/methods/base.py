@@ -10,6 +10,7 @@ fit (the true n differs between add-or-remove neighbours and is never used).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ class Method:
     normalize: str = "unit"
 
     def __post_init__(self):
+        finite_floats(self)
         self.preprocessing()  # validates clip_norm and normalize
 
     def preprocessing(self) -> Preprocessing:
@@ -115,6 +117,15 @@ def register(cls: type[Method]) -> type[Method]:
 
 def registry() -> dict[str, type[Method]]:
     return dict(_REGISTRY)
+
+
+def finite_floats(method: Method) -> None:
+    """Every real-valued hyperparameter is a finite number: an infinite or NaN one (`--set lr=inf`) is
+    refused when the method is built, not found after the fit as a non-finite head or sensitivity."""
+    for field in dataclasses.fields(method):
+        value = getattr(method, field.name)
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, got {value}")
 
 
 def positive(name: str, value) -> None:
