@@ -459,7 +459,7 @@ def bench(
             budget = "non-private" if row.epsilon is None else f"ε={row.epsilon:g} seed {row.seed}"
             spent = f"  (reported ε {row.epsilon_spent:.4f})" if row.kind == "private-tuned" else ""
             console.print(f"  {row.kind:<13} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
-                          f"{row.fit_seconds:7.2f} s{spent}", highlight=False)
+                          f"{row.fit_seconds:7.2f} s{spent}", highlight=False, soft_wrap=True)
 
         result = run_bench(train, test, config, on_row=show)
     except (BenchError, *_user_errors()) as error:
@@ -478,7 +478,8 @@ def extract(
     out: pathlib.Path = typer.Option(pathlib.Path("features.h5"), "--out", "-o"),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated; default: all splits."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="TFDS data_dir or the Fashion-MNIST folder."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights on disk for the backbone."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights for the backbone: a file, or hf-hub:ORG/NAME[@REVISION][:FILE] (Hugging Face cache; "
+                                                     "HF_HUB_OFFLINE=1: cache only)."),
     checkpoint_sha256: Optional[str] = typer.Option(
         None, "--checkpoint-sha256", help="Expected SHA-256 of the weights; a different file is an error."
     ),

@@ -255,7 +255,9 @@ def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_s
             expected_sha256 = normalized_sha256(config.checkpoint_sha256)
         except ValueError as error:
             raise ExtractError(f"--checkpoint-sha256: {error}") from None
-        if config.checkpoint is not None:  # before spending time (and memory) loading the weights
+        # Before spending time (and memory) loading the weights; an hf-hub: reference is checked after
+        # loading, against the cached file's digest.
+        if config.checkpoint is not None and not config.checkpoint.startswith("hf-hub:"):
             verify_sha256(config.checkpoint, expected_sha256)
     if backbone is None:
         backbone = load_backbone(config.backbone, config.checkpoint)

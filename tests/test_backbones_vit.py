@@ -81,8 +81,8 @@ def _random_timm_vit(timm, seed: int = 0, **kwargs):
     import torch
 
     torch.manual_seed(seed)
-    model = timm.create_model(kwargs.pop("name", "vit_base_patch16_224"), pretrained=False, num_classes=0,
-                              **kwargs).eval()
+    kwargs.setdefault("num_classes", 0)
+    model = timm.create_model(kwargs.pop("name", "vit_base_patch16_224"), pretrained=False, **kwargs).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -193,11 +193,25 @@ def test_head_is_ignored_and_reported(ref):
 # ----------------------------------------------------------------------------------------------------
 # .npz layouts, written from the same weights
 
+def _npz_attention(state: dict[str, np.ndarray], q: np.ndarray, qb: np.ndarray, k: np.ndarray, kb: np.ndarray,
+                   v: np.ndarray, vb: np.ndarray, proj: str, heads: int, name: str) -> dict[str, np.ndarray]:
+    """Flax MultiHeadDotProductAttention tensors from torch Linear weights (out, in)."""
+    proj_w = state[proj + ".weight"]
+    d = proj_w.shape[0]
+    hd = d // heads
+    out = {f"{name}/out/kernel": proj_w.T.reshape(heads, hd, d), f"{name}/out/bias": state[proj + ".bias"]}
+    for n, w, b in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+        out[f"{name}/{n}/kernel"] = w.T.reshape(d, heads, hd)
+        out[f"{name}/{n}/bias"] = b.reshape(heads, hd)
+    return out
+
+
 def _npz_from_timm(state: dict[str, np.ndarray], layout: str, depth: int, heads: int) -> dict[str, np.ndarray]:
     """The same weights as a vision_transformer / big_vision checkpoint (Flax layouts: Dense kernels
-    (in, out); attention kernels per head, (D, H, d) and (H, d, D); conv kernels HWIO)."""
-    d = state["cls_token"].shape[-1]
-    hd = d // heads
+    (in, out); attention kernels per head, (D, H, d) and (H, d, D); conv kernels HWIO). A timm model
+    without a class token (SigLIP) has none here either; its MAP head (`attn_pool`) becomes big_vision's
+    `MAPHead_0`."""
+    d = state["patch_embed.proj.weight"].shape[0]
     big_vision = layout.startswith("big_vision")
     prefix = "params/img/" if big_vision else ""
     attn, ln2, mlp = (("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if big_vision
@@ -210,7 +224,9 @@ def _npz_from_timm(state: dict[str, np.ndarray], layout: str, depth: int, heads:
         "head/kernel": np.ones((d, 5), np.float32),
         "head/bias": np.ones(5, np.float32),
     }
-    if big_vision:  # big_vision adds pos_embedding to the patches only, then prepends cls
+    if "cls_token" not in state:  # no class token: the position embedding covers the patches only
+        out["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = state["pos_embed"]
+    elif big_vision:  # big_vision adds pos_embedding to the patches only, then prepends cls
         out["cls"] = state["cls_token"] + state["pos_embed"][:, :1]
         out["pos_embedding"] = state["pos_embed"][:, 1:]
     else:
@@ -224,8 +240,7 @@ def _npz_from_timm(state: dict[str, np.ndarray], layout: str, depth: int, heads:
         block = {
             "LayerNorm_0/scale": state[t + "norm1.weight"],
             "LayerNorm_0/bias": state[t + "norm1.bias"],
-            f"{attn}/out/kernel": state[t + "attn.proj.weight"].T.reshape(heads, hd, d),
-            f"{attn}/out/bias": state[t + "attn.proj.bias"],
+            **_npz_attention(state, q, qb, k, kb, v, vb, t + "attn.proj", heads, attn),
             f"{ln2}/scale": state[t + "norm2.weight"],
             f"{ln2}/bias": state[t + "norm2.bias"],
             f"{mlp}/Dense_0/kernel": state[t + "mlp.fc1.weight"].T,
@@ -233,14 +248,26 @@ def _npz_from_timm(state: dict[str, np.ndarray], layout: str, depth: int, heads:
             f"{mlp}/Dense_1/kernel": state[t + "mlp.fc2.weight"].T,
             f"{mlp}/Dense_1/bias": state[t + "mlp.fc2.bias"],
         }
-        for name, w, b in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
-            block[f"{attn}/{name}/kernel"] = w.T.reshape(d, heads, hd)
-            block[f"{attn}/{name}/bias"] = b.reshape(heads, hd)
         blocks.append(block)
     if layout == "big_vision_scan":
         out.update({f"Transformer/encoderblock/{n}": np.stack([b[n] for b in blocks]) for n in blocks[0]})
     else:
         out.update({f"Transformer/encoderblock_{i}/{n}": a for i, b in enumerate(blocks) for n, a in b.items()})
+    if "attn_pool.latent" in state:
+        a = "attn_pool."
+        k, v = np.split(state[a + "kv.weight"], 2)
+        kb, vb = np.split(state[a + "kv.bias"], 2)
+        out.update({f"MAPHead_0/{n}": x for n, x in {
+            "probe": state[a + "latent"],
+            **_npz_attention(state, state[a + "q.weight"], state[a + "q.bias"], k, kb, v, vb, a + "proj", heads,
+                             "MultiHeadDotProductAttention_0"),
+            "LayerNorm_0/scale": state[a + "norm.weight"],
+            "LayerNorm_0/bias": state[a + "norm.bias"],
+            "MlpBlock_0/Dense_0/kernel": state[a + "mlp.fc1.weight"].T,
+            "MlpBlock_0/Dense_0/bias": state[a + "mlp.fc1.bias"],
+            "MlpBlock_0/Dense_1/kernel": state[a + "mlp.fc2.weight"].T,
+            "MlpBlock_0/Dense_1/bias": state[a + "mlp.fc2.bias"],
+        }.items()})
     out = {prefix + k: np.ascontiguousarray(a) for k, a in out.items()}
     if big_vision:  # the text tower of a two-tower model: skipped
         out["params/txt/Embed_0/embedding"] = np.zeros((7, 3), np.float32)
@@ -411,3 +438,49 @@ def test_unreadable_and_foreign_files(tmp_path):
     np.savez(foreign, **{"conv1/kernel": np.zeros((7, 7, 3, 64), np.float32)})
     with pytest.raises(ViTCheckpointError, match="not a ViT checkpoint"):
         load_backbone("vit-b16", str(foreign))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention: fused QKV through jax.nn.dot_product_attention
+
+def _reference_attention_block(params: dict, x: np.ndarray, heads: int) -> np.ndarray:
+    """The attention sublayer as it was before the fused projection: separate q, k, v projections and
+    an explicit float64 softmax."""
+    x = np.asarray(x, np.float64)
+    kernel, bias = np.asarray(params["qkv"]["kernel"], np.float64), np.asarray(params["qkv"]["bias"], np.float64)
+    q, k, v = (np.einsum("ntd,dhe->nthe", x, kernel[:, i]) + bias[i] for i in range(3))
+    logits = np.einsum("nthe,nshe->nhts", q, k) / np.sqrt(q.shape[-1])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    y = np.einsum("nhts,nshe->nthe", probs, v)
+    return np.einsum("nthe,hed->ntd", y, np.asarray(params["out"]["kernel"], np.float64)) + params["out"]["bias"]
+
+
+def test_fused_qkv_attention_matches_separate_projections():
+    from featdp.backbones.vit import _Attention
+
+    x = np.random.default_rng(0).normal(size=(2, 17, 64)).astype(np.float32)
+    module = _Attention(num_heads=4, dtype=jnp.float32)
+    params = module.init(jax.random.key(0), x)["params"]
+    params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x))
+    assert rel_err(got.reshape(-1, 64), _reference_attention_block(params, x, 4).reshape(-1, 64)) <= 1e-5
+
+
+def test_attention_implementation_choice(monkeypatch):
+    monkeypatch.delenv("FEATDP_ATTENTION", raising=False)
+    assert vit.attention_implementation(jnp.float32, 64) == "xla"
+    assert vit.attention_implementation(jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    monkeypatch.setenv("FEATDP_ATTENTION", "xla")
+    assert vit.attention_implementation(jnp.bfloat16, 64) == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the fallback where cuDNN is absent")
+def test_forced_cudnn_falls_back_to_xla_without_a_gpu(monkeypatch):
+    q = jax.random.normal(jax.random.key(0), (2, 9, 3, 8), jnp.bfloat16)
+    want = np.asarray(vit.attention(q, q, q), np.float32)
+    monkeypatch.setenv("FEATDP_ATTENTION", "cudnn")
+    vit._FALLBACK_WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="cuDNN attention unavailable"):
+        got = np.asarray(vit.attention(q, q, q), np.float32)
+    np.testing.assert_array_equal(got, want)

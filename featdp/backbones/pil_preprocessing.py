@@ -1,9 +1,12 @@
-"""CPU-side image preparation for loader workers: to RGB, center crop, resize, as uint8 (Pillow)."""
+"""CPU-side image preparation for loader workers: to RGB, center crop, resize, as uint8 (Pillow).
+
+Pillow is imported when an image is first prepared, not with the module: the backbone modules reference
+these functions at import time, and a machine that only benchmarks the model need not have Pillow.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -26,8 +29,23 @@ def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 1.0)
     h, w = rgb.shape[:2]
     side = max(1, int(crop_fraction * min(h, w)))
     top, left = (h - side + 1) // 2, (w - side + 1) // 2
+    from PIL import Image
+
     crop = Image.fromarray(rgb[top : top + side, left : left + side])
     if side != size:
         # Pillow's bicubic filter widens its support when downscaling, i.e. it antialiases.
         crop = crop.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(crop, dtype=np.uint8)
+
+
+def resize_squash(image: np.ndarray, size: int) -> np.ndarray:
+    """The whole image resized to size × size (bicubic), the aspect ratio not kept: no crop.
+
+    SigLIP's evaluation transform (big_vision `resize(224)`, open_clip `resize_mode="squash"`,
+    transformers' `SiglipImageProcessor`), with the bicubic filter of the latter two."""
+    from PIL import Image
+
+    rgb = to_rgb_uint8(image)
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)

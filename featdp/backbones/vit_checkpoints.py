@@ -3,29 +3,43 @@
 Layouts read (by key names, whatever the file's extension):
 
 * timm (`.safetensors` through the safetensors package's numpy API; `.pth`/`.bin` through the torch-free
-  reader of featdp.backbones.torch_checkpoint): `patch_embed.proj.weight` (D, 3, p, p), `cls_token`,
-  `pos_embed` (1, 1 + g², D), `blocks.N.{norm1,norm2}.{weight,bias}`, `blocks.N.attn.qkv.weight`
-  (3D, D) with q, k, v stacked in that order, `blocks.N.attn.proj`, `blocks.N.mlp.{fc1,fc2}`,
-  `norm.{weight,bias}`. torch Linear weights are (out, in): transposed here.
+  reader of featdp.backbones.torch_checkpoint): `patch_embed.proj.weight` (D, 3, p, p) [+ `.bias`],
+  `cls_token`, [`reg_token` (1, R, D)], `pos_embed` (1, [1 +] g², D), [`norm_pre`],
+  `blocks.N.{norm1,norm2}.{weight,bias}`, `blocks.N.attn.qkv.weight` (3D, D) with q, k, v stacked in
+  that order, `blocks.N.attn.proj`, [`blocks.N.ls1.gamma`, `.ls2.gamma`], `blocks.N.mlp.{fc1,fc2}`
+  (SwiGLU: fc1 (2m, D) packs both branches), `norm.{weight,bias}`, [`attn_pool.{latent, q, kv, proj,
+  norm, mlp.fc1, mlp.fc2}` (the MAP head)], [`head` (the CLIP projection, when the features are taken
+  after it)]. torch Linear weights are (out, in): transposed here.
+* OpenAI CLIP / OpenCLIP state dicts (`[module.]visual.conv1.weight`, `visual.class_embedding`,
+  `visual.positional_embedding`, `visual.ln_pre`, `visual.transformer.resblocks.N.{ln_1, attn.in_proj_*,
+  attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `visual.ln_post`, `visual.proj` (D, E)): renamed to the
+  timm layout as timm's `_convert_openai_clip` does (the projection becomes `head`, bias 0); the text
+  tower is skipped. OpenCLIP models built on a timm trunk (`visual.trunk.*`, e.g. SigLIP): the trunk.
+* The original DINOv2 `.pth` (`mask_token`, `register_tokens`, `blocks.N.mlp.w12`/`w3` for SwiGLU,
+  optionally chunked as `blocks.C.N.`): renamed to the timm layout; `mask_token` is skipped.
 * google-research/vision_transformer `.npz` (optionally under `opt/target/`): `embedding/kernel`
   (p, p, 3, D), `cls`, `Transformer/posembed_input/pos_embedding` (1, 1 + g², D),
   `Transformer/encoderblock_N/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`,
   `Transformer/encoder_norm`; attention kernels are already per head: query/key/value (D, H, d),
   out (H, d, D).
-* big_vision `.npz` (under `params/` or, for a two-tower model, `params/img/`): the same, except the
-  block's children are `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`, the
-  position embedding is `pos_embedding` (1, g², D) and covers the patches only (the class token is
-  concatenated after it is added: here its row of `pos_embed` is zero), and a scanned encoder stores
-  each block tensor once as `Transformer/encoderblock/...` with a leading depth axis.
+* big_vision `.npz` (under `params/` or, for a two-tower model such as SigLIP, `params/img/`): the same,
+  except the block's children are `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+  MlpBlock_0`, the position embedding is `pos_embedding` (1, g², D) and covers the patches only (the
+  class token is concatenated after it is added: here its row of `pos_embed` is zero), a scanned
+  encoder stores each block tensor once as `Transformer/encoderblock/...` with a leading depth axis,
+  and a MAP head is `MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}`.
 
-Every checkpoint tensor is used exactly once; only the classifier (`head`, and `pre_logits`, the
-tanh "representation" layer of the original ImageNet-21k checkpoints, which timm drops too: features
-are taken before it) and, in a `params/img/` checkpoint, the other towers are skipped; they are listed
-in `LoadedViT.ignored`.
-Anything else missing, unexpected or of the wrong shape is reported all at once in a
-`ViTCheckpointError`. A position-embedding grid that differs from the requested resolution is
-resampled bilinearly (half-pixel centres, no antialiasing: torch's `interpolate(mode="bilinear",
-align_corners=False)`, what timm uses for these `.npz` files).
+Every checkpoint tensor is used exactly once; only the classifier (`head`, unless it is the CLIP
+projection the features are taken after, and `pre_logits`, the tanh "representation" layer of the
+original ImageNet-21k checkpoints, which timm drops too: features are taken before it) and the parts
+outside the image tower (text towers, DINOv2's `mask_token`) are skipped; they are listed in
+`LoadedViT.ignored`. Anything else missing, unexpected or of the wrong shape is reported all at once in
+a `ViTCheckpointError`, whose first line names the first tensor that differs. A position-embedding grid
+that differs from the requested resolution is resampled (`ViTConfig.pos_resize`: bilinear, torch's
+`interpolate(mode="bilinear", align_corners=False)` without antialiasing, what timm uses for the `.npz`
+files; bicubic, torch's bicubic; or bicubic with DINOv2's scale factor).
+
+A checkpoint is a local path or `hf-hub:ORG/NAME[@REVISION][:FILE]` (featdp.backbones.hf_hub).
 """
 
 from __future__ import annotations
@@ -42,18 +56,22 @@ import numpy as np
 
 from featdp.checksums import file_sha256
 
+from featdp.backbones import hf_hub
 from featdp.backbones.registry import BackboneError
-from featdp.backbones.vit import CONFIGS, POOLS, ViTConfig, checkpoint_sources
+from featdp.backbones.vit import ALL_CONFIGS, CONFIGS, POOLS, ViTConfig, checkpoint_sources
 
 __all__ = [
+    "CheckpointFile",
     "LoadedViT",
     "ViTCheckpointError",
     "convert_checkpoint",
+    "cubic_resize_matrix",
     "expected_checkpoint_shapes",
     "linear_resize_matrix",
     "load_vit_checkpoint",
     "read_checkpoint",
     "resize_pos_embed",
+    "resolve_checkpoint_file",
 ]
 
 
@@ -67,13 +85,42 @@ class LoadedViT:
 
     config: ViTConfig
     variables: dict[str, Any]
-    format: str  # "timm", "vision_transformer" or "big_vision"
+    format: str  # "timm", "vision_transformer" or "big_vision" (+ " (from open_clip)" / " (from dinov2)")
     checkpoint_image_size: int  # resolution of the stored position-embedding grid
     ignored: tuple[str, ...]  # classifier (and other-tower) tensors skipped
     path: str = ""
     sha256: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint resolved to a local file: `name` is what gets recorded (the path, or
+    `hf-hub:ORG/NAME@<commit>:FILE`)."""
+
+    path: Path
+    name: str
+    hub: dict | None = None  # repo_id, revision, commit, filename for an hf-hub: checkpoint
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def resolve_checkpoint_file(checkpoint: str | os.PathLike | CheckpointFile | None,
+                            config: ViTConfig) -> CheckpointFile:
+    """A local file for `checkpoint` (downloading an `hf-hub:` one into the cache unless offline)."""
+    if isinstance(checkpoint, CheckpointFile):
+        return checkpoint
+    if checkpoint is None:
+        raise BackboneError(f"{config.name} needs a checkpoint: {checkpoint_sources(config.name)}")
+    if hf_hub.is_hub_spec(checkpoint):
+        found = hf_hub.download(str(checkpoint))
+        return CheckpointFile(found.path, found.name, found.describe())
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise BackboneError(f"{config.name} checkpoint not found: {checkpoint} is not a file; "
+                            f"pass --checkpoint PATH to a downloaded .npz or .safetensors, or hf-hub:ORG/NAME")
+    return CheckpointFile(path, str(checkpoint))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -110,6 +157,65 @@ def _is_npz(path: Path) -> bool:
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
     return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other torch layouts -> timm names
+
+@dataclasses.dataclass(frozen=True)
+class _Renamed:
+    tensors: dict[str, np.ndarray]
+    original: dict[str, str | None]  # key here -> key in the file (None: made up, e.g. a zero bias)
+    dropped: tuple[str, ...]  # file keys outside the image tower
+    source: str  # "" (as stored), "open_clip", "dinov2"
+
+
+# OpenAI CLIP / OpenCLIP visual tower -> timm (the order matters: "ln_" after "ln_pre"/"ln_post").
+_CLIP_RENAMES = (("conv1", "patch_embed.proj"), ("positional_embedding", "pos_embed"),
+                 ("transformer.resblocks.", "blocks."), ("ln_pre", "norm_pre"), ("ln_post", "norm"),
+                 ("ln_", "norm"), ("in_proj_", "qkv."), ("out_proj", "proj"), ("mlp.c_fc", "mlp.fc1"),
+                 ("mlp.c_proj", "mlp.fc2"), ("ls_1", "ls1"), ("ls_2", "ls2"))
+
+
+def _rename_to_timm(tensors: Mapping[str, np.ndarray]) -> _Renamed:
+    keys = set(tensors)
+    for prefix in ("visual.", "module.visual.", ""):
+        if f"{prefix}class_embedding" in keys and f"{prefix}conv1.weight" in keys:
+            out, original = {}, {}
+            for key, value in tensors.items():
+                if not key.startswith(prefix):
+                    continue
+                name = key[len(prefix):]
+                for old, new in _CLIP_RENAMES:
+                    name = name.replace(old, new)
+                if name == "proj":  # x @ proj, (D, E): a Linear (E, D) without bias
+                    name, value = "head.weight", np.ascontiguousarray(value.T)
+                    out["head.bias"], original["head.bias"] = np.zeros(value.shape[0], value.dtype), None
+                elif name == "class_embedding":
+                    name, value = "cls_token", value.reshape(1, 1, -1)
+                elif name == "pos_embed" and value.ndim == 2:
+                    value = value[None]
+                out[name], original[name] = value, key
+            dropped = tuple(sorted(k for k in keys if not k.startswith(prefix))) if prefix else ()
+            return _Renamed(out, original, dropped, "open_clip")
+    for prefix in ("visual.trunk.", "module.visual.trunk."):
+        if f"{prefix}patch_embed.proj.weight" in keys:
+            out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return _Renamed(out, {k[len(prefix):]: k for k in keys if k.startswith(prefix)},
+                            tuple(sorted(k for k in keys if not k.startswith(prefix))), "open_clip")
+    if "patch_embed.proj.weight" in keys and ("mask_token" in keys or "register_tokens" in keys
+                                             or any(".mlp.w12." in k for k in keys)):
+        out, original = {}, {}
+        for key, value in tensors.items():
+            if key == "mask_token":
+                continue
+            name = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # block_chunks > 0
+            name = "reg_token" if name == "register_tokens" else name
+            name = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", name)
+            name = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", name)
+            out[name], original[name] = value, key
+        return _Renamed(out, original, tuple(k for k in ("mask_token",) if k in keys), "dinov2")
+    return _Renamed(dict(tensors), {k: k for k in tensors}, (), "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,16 +258,21 @@ def _detect_layout(keys: Iterable[str]) -> _Layout:
             return _Layout("vision_transformer", prefix, False, attn, pick(("LayerNorm_2", "LayerNorm_1"), "scale"),
                            pick(("MlpBlock_3", "MlpBlock_0"), "Dense_0/kernel"))
     sample = ", ".join(sorted(keys)[:8])
+    hint = ""
+    if any(k.startswith(("vision_model.", "embeddings.patch_embeddings", "vision_tower.")) for k in keys):
+        hint = ("\n  this looks like a Hugging Face transformers checkpoint, which is not read: use the timm or "
+                "OpenCLIP file of the same weights (e.g. open_clip_model.safetensors, or a timm/ repository)")
     raise ViTCheckpointError(
-        "not a ViT checkpoint in a known layout: expected 'patch_embed.proj.weight' (timm) or "
+        "not a ViT checkpoint in a known layout: expected 'patch_embed.proj.weight' (timm, DINOv2), "
+        "'visual.conv1.weight' (OpenAI CLIP, OpenCLIP) or "
         f"'[{'|'.join(p for p in _NPZ_PREFIXES if p)}]embedding/kernel' (vision_transformer/big_vision); "
-        f"found {len(keys)} tensors: {sample}{' ...' if len(keys) > 8 else ''}")
+        f"found {len(keys)} tensors: {sample}{' ...' if len(keys) > 8 else ''}{hint}")
 
 
-def _ignored(layout: _Layout, key: str) -> bool:
+def _ignored(layout: _Layout, key: str, config: ViTConfig) -> bool:
     """Classifier tensors (and other towers of a two-tower checkpoint): skipped and reported."""
     if layout.format == "timm":
-        return key.startswith(("head.", "pre_logits."))
+        return key.startswith(("pre_logits.",)) or (key.startswith("head.") and not config.projection_dim)
     if not key.startswith(layout.prefix):
         return layout.prefix == "params/img/" and key.startswith("params/")
     return key[len(layout.prefix):].startswith(("head/", "pre_logits/"))
@@ -198,12 +309,48 @@ def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def resize_pos_embed(grid: np.ndarray, size: int) -> np.ndarray:
-    """(g, g, D) position embeddings -> (size, size, D), bilinear (separable, float64 inside)."""
+def cubic_resize_matrix(n_in: int, n_out: int, scale: float | None = None, a: float = -0.75) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D bicubic interpolation (align_corners=False, no antialias).
+
+    Output sample j reads source coordinate s = (j + ½)/scale − ½ (not clamped), scale = n_out/n_in
+    unless given (torch uses the caller's scale factor when there is one, as DINOv2's interpolation
+    does), and mixes x[⌊s⌋ − 1 … ⌊s⌋ + 2], indices clamped to the edges, with Keys' cubic kernel (a).
+    """
+    scale = n_out / n_in if scale is None else scale
+    s = (np.arange(n_out) + 0.5) / scale - 0.5
+    lo = np.floor(s).astype(np.int64)
+    t = s - lo
+
+    def near(x):  # |x| ≤ 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    m = np.zeros((n_out, n_in))
+    for offset, w in zip((-1, 0, 1, 2), weights):
+        np.add.at(m, (np.arange(n_out), np.clip(lo + offset, 0, n_in - 1)), w)
+    return m
+
+
+def resize_pos_embed(grid: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    """(g, g, D) position embeddings -> (size, size, D) (separable, float64 inside).
+
+    method: "bilinear" (linear_resize_matrix), "bicubic" (cubic_resize_matrix to the output size), or
+    "bicubic_dinov2" (the same with DINOv2's scale factor (size + 0.1)/g)."""
     g_h, g_w = grid.shape[:2]
     if (g_h, g_w) == (size, size):
         return grid
-    rows, cols = linear_resize_matrix(g_h, size), linear_resize_matrix(g_w, size)
+    if method == "bilinear":
+        rows, cols = linear_resize_matrix(g_h, size), linear_resize_matrix(g_w, size)
+    elif method == "bicubic":
+        rows, cols = cubic_resize_matrix(g_h, size), cubic_resize_matrix(g_w, size)
+    elif method == "bicubic_dinov2":
+        rows = cubic_resize_matrix(g_h, size, scale=(size + 0.1) / g_h)
+        cols = cubic_resize_matrix(g_w, size, scale=(size + 0.1) / g_w)
+    else:
+        raise ValueError(f"unknown position-embedding resize {method!r}")
     out = np.einsum("ih,jw,hwd->ijd", rows, cols, grid.astype(np.float64))
     return out.astype(grid.dtype)
 
@@ -227,7 +374,7 @@ def _convert_pos(value: np.ndarray, covers_cls: bool, config: ViTConfig) -> np.n
     width = value.shape[-1]
     cls_row, grid = (value[:, :1], value[:, 1:]) if covers_cls else (np.zeros((1, 1, width), value.dtype), value)
     g = math.isqrt(grid.shape[1])
-    grid = resize_pos_embed(grid.reshape(g, g, width), config.grid_size).reshape(1, -1, width)
+    grid = resize_pos_embed(grid.reshape(g, g, width), config.grid_size, config.pos_resize).reshape(1, -1, width)
     return np.concatenate([cls_row, grid], axis=1) if config.class_token else grid
 
 
@@ -249,73 +396,96 @@ def _to(path: _Path, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> _C
     return lambda a: [(path, fn(a))]
 
 
+def _linear(key: str, path: _Path, n_out: int, n_in: int, out_shape: tuple[int, ...] | None = None,
+            in_shape: tuple[int, ...] | None = None, bias: bool = True) -> list[_Rule]:
+    """A torch Linear (out, in) -> a Flax Dense/DenseGeneral kernel (in..., out...) [+ bias (out...)]."""
+    out_shape, in_shape = out_shape or (n_out,), in_shape or (n_in,)
+    rules = [_Rule(f"{key}.weight", (n_out, n_in),
+                   _to((*path, "kernel"), lambda w: w.T.reshape(*in_shape, *out_shape)))]
+    if bias:
+        rules.append(_Rule(f"{key}.bias", (n_out,), _to((*path, "bias"), lambda b: b.reshape(out_shape))))
+    return rules
+
+
+def _norm(key: str, path: _Path, d: int) -> list[_Rule]:
+    return [_Rule(f"{key}.weight", (d,), _to((*path, "scale"))), _Rule(f"{key}.bias", (d,), _to((*path, "bias")))]
+
+
+def _mlp_hidden(c: ViTConfig) -> int:
+    return 2 * c.mlp_dim if c.activation == "swiglu" else c.mlp_dim
+
+
 def _timm_rules(c: ViTConfig) -> list[_Rule]:
     d, h, hd, m, p = c.width, c.num_heads, c.head_dim, c.mlp_dim, c.patch_size
-    rules = [
-        _Rule("patch_embed.proj.weight", (d, 3, p, p), _to(("patch_embed", "kernel"), lambda w: w.transpose(2, 3, 1, 0))),
-        _Rule("patch_embed.proj.bias", (d,), _to(("patch_embed", "bias"))),
-        _Rule("norm.weight", (d,), _to(("norm", "scale"))),
-        _Rule("norm.bias", (d,), _to(("norm", "bias"))),
-    ]
+    rules = [_Rule("patch_embed.proj.weight", (d, 3, p, p),
+                   _to(("patch_embed", "kernel"), lambda w: w.transpose(2, 3, 1, 0)))]
+    if c.patch_bias:
+        rules.append(_Rule("patch_embed.proj.bias", (d,), _to(("patch_embed", "bias"))))
+    if c.num_registers:
+        rules.append(_Rule("reg_token", (1, c.num_registers, d), _to(("reg_token",))))
+    if c.pre_norm:
+        rules += _norm("norm_pre", ("norm_pre",), d)
     for i in range(c.depth):
         t, f = f"blocks.{i}.", f"block{i}"
-
-        def qkv_kernel(w, f=f):  # (3D, D) rows [q; k; v], each (out, in) -> (in, heads, head_dim)
-            return [((f, "attn", n, "kernel"), part.T.reshape(d, h, hd))
-                    for n, part in zip(("query", "key", "value"), np.split(w, 3))]
-
-        def qkv_bias(b, f=f):
-            return [((f, "attn", n, "bias"), part.reshape(h, hd))
-                    for n, part in zip(("query", "key", "value"), np.split(b, 3))]
-
-        rules += [
-            _Rule(t + "norm1.weight", (d,), _to((f, "norm1", "scale"))),
-            _Rule(t + "norm1.bias", (d,), _to((f, "norm1", "bias"))),
-            _Rule(t + "attn.qkv.weight", (3 * d, d), qkv_kernel),
-            _Rule(t + "attn.qkv.bias", (3 * d,), qkv_bias),
-            _Rule(t + "attn.proj.weight", (d, d), _to((f, "attn", "out", "kernel"), lambda w: w.T.reshape(h, hd, d))),
-            _Rule(t + "attn.proj.bias", (d,), _to((f, "attn", "out", "bias"))),
-            _Rule(t + "norm2.weight", (d,), _to((f, "norm2", "scale"))),
-            _Rule(t + "norm2.bias", (d,), _to((f, "norm2", "bias"))),
-            _Rule(t + "mlp.fc1.weight", (m, d), _to((f, "fc1", "kernel"), np.transpose)),
-            _Rule(t + "mlp.fc1.bias", (m,), _to((f, "fc1", "bias"))),
-            _Rule(t + "mlp.fc2.weight", (d, m), _to((f, "fc2", "kernel"), np.transpose)),
-            _Rule(t + "mlp.fc2.bias", (d,), _to((f, "fc2", "bias"))),
-        ]
+        rules += _norm(t + "norm1", (f, "norm1"), d)
+        rules += _linear(t + "attn.qkv", (f, "attn", "qkv"), 3 * d, d, out_shape=(3, h, hd))
+        rules += _linear(t + "attn.proj", (f, "attn", "out"), d, d, in_shape=(h, hd))
+        rules += _norm(t + "norm2", (f, "norm2"), d)
+        rules += _linear(t + "mlp.fc1", (f, "mlp", "fc1"), _mlp_hidden(c), d)
+        rules += _linear(t + "mlp.fc2", (f, "mlp", "fc2"), d, m)
+        if c.layer_scale:
+            rules += [_Rule(t + "ls1.gamma", (d,), _to((f, "ls1"))), _Rule(t + "ls2.gamma", (d,), _to((f, "ls2")))]
+    rules += _norm("norm", ("norm",), d)
+    if c.pool == "map":
+        a = ("map_head",)
+        rules.append(_Rule("attn_pool.latent", (1, 1, d), _to((*a, "probe"))))
+        rules += _linear("attn_pool.q", (*a, "query"), d, d, out_shape=(h, hd))
+        rules += _linear("attn_pool.kv", (*a, "kv"), 2 * d, d, out_shape=(2, h, hd))
+        rules += _linear("attn_pool.proj", (*a, "out"), d, d, in_shape=(h, hd))
+        rules += _norm("attn_pool.norm", (*a, "norm"), d)
+        rules += _linear("attn_pool.mlp.fc1", (*a, "mlp", "fc1"), _mlp_hidden(c), d)
+        rules += _linear("attn_pool.mlp.fc2", (*a, "mlp", "fc2"), d, m)
+    if c.projection_dim:
+        pooled = 2 * d if c.pool == "token+gap" else d
+        rules += _linear("head", ("head",), c.projection_dim, pooled)
     return rules
+
+
+def _npz_attention(name: str, d: int, h: int, hd: int, path: _Path) -> list[tuple[str, tuple[int, ...], _Path]]:
+    """Flax MultiHeadDotProductAttention tensors; q, k, v land in separate slots, fused afterwards."""
+    out = []
+    for n in ("query", "key", "value"):
+        out += [(f"{name}/{n}/kernel", (d, h, hd), (*path, n, "kernel")),
+                (f"{name}/{n}/bias", (h, hd), (*path, n, "bias"))]
+    return out + [(f"{name}/out/kernel", (h, hd, d), (*path, "out", "kernel")),
+                  (f"{name}/out/bias", (d,), (*path, "out", "bias"))]
+
+
+def _npz_mlp(name: str, d: int, m: int, path: _Path) -> list[tuple[str, tuple[int, ...], _Path]]:
+    return [(f"{name}/Dense_0/kernel", (d, m), (*path, "fc1", "kernel")),
+            (f"{name}/Dense_0/bias", (m,), (*path, "fc1", "bias")),
+            (f"{name}/Dense_1/kernel", (m, d), (*path, "fc2", "kernel")),
+            (f"{name}/Dense_1/bias", (d,), (*path, "fc2", "bias"))]
 
 
 def _npz_block_tensors(c: ViTConfig, layout: _Layout) -> list[tuple[str, tuple[int, ...], _Path]]:
     """(name inside the block, per-block shape, variable path inside `block{i}`)."""
     d, h, hd, m = c.width, c.num_heads, c.head_dim, c.mlp_dim
-    a, n2, mlp = layout.attn, layout.norm2, layout.mlp
-    out = [
+    return [
         ("LayerNorm_0/scale", (d,), ("norm1", "scale")),
         ("LayerNorm_0/bias", (d,), ("norm1", "bias")),
-    ]
-    for n in ("query", "key", "value"):
-        out += [(f"{a}/{n}/kernel", (d, h, hd), ("attn", n, "kernel")),
-                (f"{a}/{n}/bias", (h, hd), ("attn", n, "bias"))]
-    return out + [
-        (f"{a}/out/kernel", (h, hd, d), ("attn", "out", "kernel")),
-        (f"{a}/out/bias", (d,), ("attn", "out", "bias")),
-        (f"{n2}/scale", (d,), ("norm2", "scale")),
-        (f"{n2}/bias", (d,), ("norm2", "bias")),
-        (f"{mlp}/Dense_0/kernel", (d, m), ("fc1", "kernel")),
-        (f"{mlp}/Dense_0/bias", (m,), ("fc1", "bias")),
-        (f"{mlp}/Dense_1/kernel", (m, d), ("fc2", "kernel")),
-        (f"{mlp}/Dense_1/bias", (d,), ("fc2", "bias")),
+        *_npz_attention(layout.attn, d, h, hd, ("attn",)),
+        (f"{layout.norm2}/scale", (d,), ("norm2", "scale")),
+        (f"{layout.norm2}/bias", (d,), ("norm2", "bias")),
+        *_npz_mlp(layout.mlp, d, m, ("mlp",)),
     ]
 
 
 def _npz_rules(c: ViTConfig, layout: _Layout) -> list[_Rule]:
     d, p = c.width, c.patch_size
-    rules = [
-        _Rule(layout.key("embedding/kernel"), (p, p, 3, d), _to(("patch_embed", "kernel"))),
-        _Rule(layout.key("embedding/bias"), (d,), _to(("patch_embed", "bias"))),
-        _Rule(layout.key("Transformer/encoder_norm/scale"), (d,), _to(("norm", "scale"))),
-        _Rule(layout.key("Transformer/encoder_norm/bias"), (d,), _to(("norm", "bias"))),
-    ]
+    rules = [_Rule(layout.key("embedding/kernel"), (p, p, 3, d), _to(("patch_embed", "kernel")))]
+    if c.patch_bias:
+        rules.append(_Rule(layout.key("embedding/bias"), (d,), _to(("patch_embed", "bias"))))
     for name, shape, path in _npz_block_tensors(c, layout):
         if layout.scanned:
             def per_block(a, path=path):
@@ -325,11 +495,32 @@ def _npz_rules(c: ViTConfig, layout: _Layout) -> list[_Rule]:
         else:
             rules += [_Rule(layout.key(f"Transformer/encoderblock_{i}/{name}"), shape, _to((f"block{i}", *path)))
                       for i in range(c.depth)]
+    rules += [_Rule(layout.key("Transformer/encoder_norm/scale"), (d,), _to(("norm", "scale"))),
+              _Rule(layout.key("Transformer/encoder_norm/bias"), (d,), _to(("norm", "bias")))]
+    if c.pool == "map":
+        head = layout.key("MAPHead_0/")
+        rules.append(_Rule(head + "probe", (1, 1, d), _to(("map_head", "probe"))))
+        tensors = (_npz_attention("MultiHeadDotProductAttention_0", d, c.num_heads, c.head_dim, ("map_head",))
+                   + [("LayerNorm_0/scale", (d,), ("map_head", "norm", "scale")),
+                      ("LayerNorm_0/bias", (d,), ("map_head", "norm", "bias"))]
+                   + _npz_mlp("MlpBlock_0", d, c.mlp_dim, ("map_head", "mlp")))
+        rules += [_Rule(head + name, shape, _to(path)) for name, shape, path in tensors]
     return rules
 
 
 def _rules(c: ViTConfig, layout: _Layout) -> list[_Rule]:
-    return _timm_rules(c) if layout.format == "timm" else _npz_rules(c, layout)
+    if layout.format != "timm":
+        if c.num_registers or c.layer_scale or c.pre_norm or c.projection_dim or c.activation == "swiglu":
+            raise ViTCheckpointError(f"{c.name} has no {layout.format} .npz layout (registers, layer scale, "
+                                     "pre-norm, a projection or SwiGLU): use a timm/OpenCLIP/DINOv2 checkpoint")
+        return _npz_rules(c, layout)
+    return _timm_rules(c)
+
+
+def _timm_pos_shape(config: ViTConfig) -> tuple[int, int, int]:
+    # timm stores no class row when there is no class token, or with registers (`no_embed_class`).
+    covers_cls = config.class_token and not config.num_registers
+    return (1, config.grid_size**2 + int(covers_cls), config.width)
 
 
 def expected_checkpoint_shapes(config: ViTConfig, layout: str = "timm") -> dict[str, tuple[int, ...]]:
@@ -348,10 +539,12 @@ def expected_checkpoint_shapes(config: ViTConfig, layout: str = "timm") -> dict[
     d, g2 = config.width, config.grid_size**2
     if config.class_token:
         shapes[_cls_key(lay)] = (1, 1, d)
-    pos_covers_cls = lay.format != "big_vision" and config.class_token
-    pos_key = "pos_embed" if lay.format == "timm" else lay.key(
-        "Transformer/posembed_input/pos_embedding" if lay.format == "vision_transformer" else "pos_embedding")
-    shapes[pos_key] = (1, g2 + int(pos_covers_cls), d)
+    if lay.format == "timm":
+        shapes["pos_embed"] = _timm_pos_shape(config)
+    elif lay.format == "vision_transformer":
+        shapes[lay.key("Transformer/posembed_input/pos_embedding")] = (1, g2 + int(config.class_token), d)
+    else:
+        shapes[lay.key("pos_embedding")] = (1, g2, d)
     return shapes
 
 
@@ -375,35 +568,72 @@ def _describe(tensors: Mapping[str, np.ndarray], layout: _Layout) -> str:
                      len({m.group(1) for k in tensors if (m := re.search(r"encoderblock_(\d+)/", k))}))
     except (KeyError, ValueError):
         return ""
-    like = [n for n, c in CONFIGS.items() if (c.width, c.depth, c.patch_size) == (width, depth, patch)]
+    features = {"layer scale": any(".ls1." in k for k in tensors), "registers": "reg_token" in tensors,
+                "pre-norm": "norm_pre.weight" in tensors,
+                "MAP head": any(k.startswith("attn_pool.") or "MAPHead_0/" in k for k in tensors),
+                "class token": _cls_key(layout) in tensors}
+    has = [k for k, v in features.items() if v]
+
+    def same(c: ViTConfig) -> bool:
+        return ((c.width, c.depth, c.patch_size) == (width, depth, patch)
+                and (c.layer_scale, bool(c.num_registers), c.pre_norm, c.pool == "map")
+                == (features["layer scale"], features["registers"], features["pre-norm"], features["MAP head"]))
+
+    like = [n for n, c in {**CONFIGS, **ALL_CONFIGS}.items() if same(c)]
     return (f"\n  the checkpoint has width {width}, depth {depth}, patch {patch}"
-            + (f": that is {' or '.join(like)}" if like else ""))
+            + (f", {', '.join(has)}" if has else "")
+            + (f": that is the shape of {' or '.join(sorted(like))}" if like else ""))
+
+
+def _fuse_attention(params: dict[str, Any]) -> None:
+    """q, k, v kernels and biases stored apart (the .npz layouts) -> the fused `qkv` (and the MAP
+    head's `kv`) variables of the model: kernels stacked on a new axis after the input one."""
+    def fuse(node: dict, names: tuple[str, ...], into: str) -> None:
+        if all(n in node for n in names):
+            parts = [node.pop(n) for n in names]
+            node[into] = {"kernel": np.stack([p["kernel"] for p in parts], axis=1),
+                          "bias": np.stack([p["bias"] for p in parts], axis=0)}
+
+    for name, node in params.items():
+        if name.startswith("block") and isinstance(node.get("attn"), dict):
+            fuse(node["attn"], ("query", "key", "value"), "qkv")
+    if isinstance(params.get("map_head"), dict):
+        fuse(params["map_head"], ("key", "value"), "kv")
 
 
 def convert_checkpoint(tensors: Mapping[str, np.ndarray], config: ViTConfig, image_size: int | None = None,
                        pool: str | None = None, gelu_approximate: bool | None = None) -> LoadedViT:
     """Map checkpoint tensors onto `ViT` variables (float32 numpy) for the architecture `config`.
 
-    `image_size` None keeps the checkpoint's resolution (position-embedding grid × patch size); `pool`
-    None is "token" when the checkpoint has a class token, else "gap"; `gelu_approximate` None keeps
+    `image_size` None keeps the checkpoint's resolution (position-embedding grid × patch size), or
+    `config.image_size` when `config.resolution_from_checkpoint` is False; `pool` None is the config's
+    ("token" becomes "gap" when the checkpoint has no class token); `gelu_approximate` None keeps
     `config`'s. The returned config carries these choices.
     """
+    renamed = _rename_to_timm(tensors)
+    tensors, original = renamed.tensors, renamed.original
     layout = _detect_layout(tensors)
+    fmt = layout.format + (f" (from {renamed.source})" if renamed.source else "")
+
+    def orig(key: str) -> str:
+        return original.get(key) or key
+
     has_cls = _cls_key(layout) in tensors
     pos_key = _pos_key(layout, tensors)
     if pos_key not in tensors:
-        raise ViTCheckpointError(f"checkpoint ({layout.format} layout) has no position embedding {pos_key!r}"
+        raise ViTCheckpointError(f"checkpoint ({fmt} layout) has no position embedding {orig(pos_key)!r}"
                                  " (only learned position embeddings are supported)")
-    grid, pos_covers_cls = _pos_geometry(tuple(tensors[pos_key].shape), has_cls, pos_key)
+    grid, pos_covers_cls = _pos_geometry(tuple(tensors[pos_key].shape), has_cls, orig(pos_key))
     if pool is None:
-        pool = "token" if has_cls else "gap"
+        pool = "gap" if config.pool == "token" and not has_cls else config.pool
     if pool not in POOLS:
         raise ViTCheckpointError(f"pool must be one of {POOLS}, got {pool!r}")
-    if pool == "token" and not has_cls:
-        raise ViTCheckpointError(f"pool='token' needs a class token, and the checkpoint has no {_cls_key(layout)!r}; "
-                                 "use pool='gap'")
+    if pool in ("token", "token+gap") and not has_cls:
+        raise ViTCheckpointError(f"pool={pool!r} needs a class token, and the checkpoint has no "
+                                 f"{orig(_cls_key(layout))!r}; use pool='gap'" + _describe(tensors, layout))
     stored_size = grid * config.patch_size
-    size = stored_size if image_size is None else int(image_size)
+    default_size = stored_size if config.resolution_from_checkpoint else config.image_size
+    size = default_size if image_size is None else int(image_size)
     if size <= 0 or size % config.patch_size:
         raise ViTCheckpointError(f"image_size must be a positive multiple of the patch size "
                                  f"{config.patch_size}, got {image_size}")
@@ -414,28 +644,35 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], config: ViTConfig, ima
     d = config.width
     rules = _rules(config, layout)
     pos_shape = (1, grid * grid + int(pos_covers_cls), d)
-    rules.append(_Rule(pos_key, pos_shape, _to(("pos_embed",), lambda a: _convert_pos(a, pos_covers_cls, config))))
+    rules.insert(0, _Rule(pos_key, pos_shape, _to(("pos_embed",), lambda a: _convert_pos(a, pos_covers_cls, config))))
     if has_cls:
-        rules.append(_Rule(_cls_key(layout), (1, 1, d), _to(("cls_token",))))
+        rules.insert(0, _Rule(_cls_key(layout), (1, 1, d), _to(("cls_token",))))
 
-    problems: list[str] = []
-    missing = [r.key for r in rules if r.key not in tensors]
     used = {r.key for r in rules}
-    ignored = tuple(sorted(k for k in tensors if k not in used and _ignored(layout, k)))
-    unexpected = sorted(set(tensors) - used - set(ignored))
-    wrong = [f"{r.key} {tuple(tensors[r.key].shape)} (expected {r.shape})"
+    ignored_here = sorted(k for k in tensors if k not in used and _ignored(layout, k, config))
+    ignored = tuple(sorted(orig(k) for k in ignored_here if original.get(k, k) is not None)) + _summarize(
+        renamed.dropped)
+    unexpected = sorted(orig(k) for k in set(tensors) - used - set(ignored_here))
+    missing = [orig(r.key) for r in rules if r.key not in tensors]
+    wrong = [f"{orig(r.key)} {tuple(tensors[r.key].shape)} (expected {r.shape})"
              for r in rules if r.key in tensors and tuple(tensors[r.key].shape) != r.shape]
-    if missing:
-        problems.append(f"missing from checkpoint: {_head(missing)}")
-    if unexpected:
-        problems.append(f"unexpected checkpoint tensors: {_head(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_head(wrong, 4)}")
-    if problems:
+    first = next((f"{orig(r.key)} is missing" if r.key not in tensors else
+                  f"{orig(r.key)} has shape {tuple(tensors[r.key].shape)}, expected {r.shape}"
+                  for r in rules if r.key not in tensors or tuple(tensors[r.key].shape) != r.shape), None)
+    if first is None and unexpected:
+        first = f"{unexpected[0]} is not part of {config.name}"
+    if first is not None:
+        problems = [f"first difference: {first}"]
+        if missing:
+            problems.append(f"missing from checkpoint: {_head(missing)}")
+        if unexpected:
+            problems.append(f"unexpected checkpoint tensors: {_head(unexpected)}")
+        if wrong:
+            problems.append(f"shape mismatch: {_head(wrong, 4)}")
         raise ViTCheckpointError(
-            f"checkpoint ({layout.format} layout) does not match {config.name} (width {d}, depth "
-            f"{config.depth}, {config.num_heads} heads, MLP {config.mlp_dim}, patch {config.patch_size}):\n  "
-            + "\n  ".join(problems) + _describe(tensors, layout))
+            f"checkpoint ({fmt} layout) does not match {config.name} (width {d}, depth "
+            f"{config.depth}, {config.num_heads} heads, MLP {config.mlp_dim}, patch {config.patch_size}"
+            f"{_features_of(config)}):\n  " + "\n  ".join(problems) + _describe(tensors, layout))
 
     params: dict[str, Any] = {}
     filled: set[_Path] = set()
@@ -448,9 +685,30 @@ def convert_checkpoint(tensors: Mapping[str, np.ndarray], config: ViTConfig, ima
             for part in path[:-1]:
                 node = node.setdefault(part, {})
             node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+    _fuse_attention(params)
     variables = {"params": params}
     _check_against_model(variables, config)
-    return LoadedViT(config, variables, layout.format, stored_size, ignored)
+    return LoadedViT(config, variables, fmt, stored_size, ignored)
+
+
+def _summarize(keys: tuple[str, ...], limit: int = 8) -> tuple[str, ...]:
+    """Skipped tensors outside the image tower: each, or (a text tower's hundreds) one entry per
+    top-level name with its count."""
+    if len(keys) <= limit:
+        return tuple(keys)
+    groups: dict[str, int] = {}
+    for key in keys:
+        top = key.split(".")[0].split("/")[0]
+        groups[top] = groups.get(top, 0) + 1
+    return tuple(f"{top}.* ({n} tensors)" if n > 1 else top for top, n in sorted(groups.items()))
+
+
+def _features_of(config: ViTConfig) -> str:
+    parts = [name for name, on in (("pre-norm", config.pre_norm), ("layer scale", config.layer_scale),
+                                   (f"{config.num_registers} registers", config.num_registers),
+                                   ("MAP head", config.pool == "map"), ("SwiGLU", config.activation == "swiglu"),
+                                   (f"projection to {config.projection_dim}", config.projection_dim)) if on]
+    return "".join(f", {p}" for p in parts)
 
 
 def _check_against_model(variables: dict[str, Any], config: ViTConfig) -> None:
@@ -469,13 +727,11 @@ def _check_against_model(variables: dict[str, Any], config: ViTConfig) -> None:
         raise AssertionError(f"internal error: converted variables differ from the model: {diff[:6]}")
 
 
-def load_vit_checkpoint(path: str | os.PathLike | None, config: ViTConfig, image_size: int | None = None,
-                        pool: str | None = None, gelu_approximate: bool | None = None) -> LoadedViT:
-    """Read, check and convert a ViT checkpoint file (see `convert_checkpoint` for the options)."""
-    if path is None:
-        raise BackboneError(f"{config.name} needs a checkpoint: {checkpoint_sources(config.name)}")
-    if not Path(path).is_file():
-        raise BackboneError(f"{config.name} checkpoint not found: {path} is not a file; "
-                            f"pass --checkpoint PATH to a downloaded .npz or .safetensors")
-    loaded = convert_checkpoint(read_checkpoint(path), config, image_size, pool, gelu_approximate)
-    return dataclasses.replace(loaded, path=str(path), sha256=file_sha256(path))
+def load_vit_checkpoint(path: str | os.PathLike | CheckpointFile | None, config: ViTConfig,
+                        image_size: int | None = None, pool: str | None = None,
+                        gelu_approximate: bool | None = None) -> LoadedViT:
+    """Read, check and convert a ViT checkpoint (a path, `hf-hub:ORG/NAME[@REVISION][:FILE]`, or a
+    resolved `CheckpointFile`; see `convert_checkpoint` for the options)."""
+    file = resolve_checkpoint_file(path, config)
+    loaded = convert_checkpoint(read_checkpoint(file.path), config, image_size, pool, gelu_approximate)
+    return dataclasses.replace(loaded, path=file.name, sha256=file_sha256(file.path))
