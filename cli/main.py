@@ -34,9 +34,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from featdp.data import DataError
     from featdp.featurefile import FeatureFileError
     from featdp.methods import HyperparameterError
+    from featdp.backend import DeviceError
     from featdp.report import OutputError
 
-    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError, OutputError)
+    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError, OutputError, DeviceError)
 
 
 def _extraction_errors() -> tuple[type[Exception], ...]:
@@ -99,6 +100,9 @@ def fit(
     out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
     train_split: str = typer.Option("train", "--train-split"),
     test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
+    device: str = typer.Option("auto", "--device", help="Where the passes over the data run: auto (an "
+                               "accelerator if JAX has one, else numpy on the CPU), cpu, gpu or tpu. Noise is "
+                               "always drawn on the host."),
 ):
     """Train a private linear head on the train split and report test accuracy."""
     from featdp.jobs import fit_feature_file
@@ -113,7 +117,7 @@ def fit(
         with _warnings_printed():
             job = fit_feature_file(
                 features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant,
-                train_split=train_split, test_split=test_split, out_dir=out,
+                train_split=train_split, test_split=test_split, out_dir=out, device=device,
             )
     except _user_errors() as error:
         _fail(str(error))

@@ -9,7 +9,7 @@ it fits a memory budget, so multi-pass methods do not re-read the disk.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -113,12 +113,17 @@ class Preprocessing:
         if self.normalize not in ("unit", "clip"):
             raise ValueError(f"normalize must be 'unit' or 'clip', got {self.normalize!r}")
 
+    @property
+    def target(self) -> float:
+        """C·(1 − 10⁻⁴): the norm rows are scaled to (the JAX backend applies the same map on the device)."""
+        return self.clip_norm * (1 - _NORM_MARGIN)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         # Runs on every block of every pass, so it stays in float32. Float32 norms and products are off
         # by up to ~d·2⁻²⁴ relatively; aiming at C·(1 − 1e-4) keeps every row's true norm below C, which
         # every sensitivity relies on.
-        target = self.clip_norm * (1 - _NORM_MARGIN)
+        target = self.target
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         if self.normalize == "unit":
             # An all-zero row stays zero: it has no direction to rescale.
@@ -130,7 +135,8 @@ class Preprocessing:
 
 @dataclasses.dataclass
 class TrainingData:
-    """What a method trains on: preprocessed row blocks of one source."""
+    """What a method trains on: preprocessed row blocks of one source, and the backend that computes the
+    sums over them (`featdp.backend`: numpy on the host, or JAX on an accelerator)."""
 
     source: RowSource
     preprocessing: Preprocessing
@@ -138,6 +144,17 @@ class TrainingData:
     # The n a method may compute with. Under add-or-remove neighbours the true n is private, so `fit`
     # sets this to the released noisy count; tests and audits on public data pass a fixed public value.
     public_num_examples: float | None = None
+    # Where the heavy passes run: a name in featdp.backend.DEVICES or a backend object. Methods use
+    # `data.backend`'s primitives (second moments, clipped gradient sums, Newton statistics).
+    device: Any = "auto"
+    # Device-resident copies of the rows (JAX backend), kept for this object's lifetime.
+    device_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def backend(self):
+        from featdp.backend import resolve
+
+        return resolve(self.device)
 
     @property
     def num_examples(self) -> int:

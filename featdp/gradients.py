@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from featdp import stats
 from featdp.data import TrainingData
 from featdp.mechanism import ReleaserInterface
 
@@ -37,9 +36,8 @@ def private_mean_gradient(
         def select(block: int, rows: int) -> np.ndarray:
             return releaser.poisson_mask(step, block, rows, sampling_probability)
 
-    total = np.zeros_like(weights, dtype=np.float64)
-    for x, y, row_norms in data.blocks_with_norms(select):
-        total += stats.clipped_softmax_gradient_sum(x, y, weights, grad_clip, row_norms)
+    # The clean sum comes back to the host (from whichever backend computed it) and is noised here only.
+    total = data.backend.clipped_gradient_sum(data, np.asarray(weights), grad_clip, select)
     noisy = releaser.release(
         "gradient_sum", total, sensitivity=grad_clip, noise_multiplier=noise_multiplier,
         sampling_probability=sampling_probability, step=step,

@@ -1,7 +1,8 @@
 """Exact (non-private) statistics of preprocessed training data, accumulated in one streaming pass.
 
-Everything here is a sum over examples, accumulated block by block in float64, so memory is
-O(d² + dK) whatever n is. Privatization happens elsewhere (`featdp.mechanism`).
+Everything here is a sum over examples, accumulated block by block (float32 within a block, float64 or
+compensated float32 across blocks: `featdp.backend` computes the passes, on the host or a device), so
+memory is O(d² + dK) whatever n is. Privatization happens elsewhere (`featdp.mechanism`).
 """
 
 from __future__ import annotations
@@ -27,19 +28,15 @@ def one_hot(y: np.ndarray, num_classes: int, dtype=np.float32) -> np.ndarray:
 
 
 def second_moments(data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass; computed once per preprocessing for a
+    """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass of `data.backend` (float32 per block, float64 or
+    compensated sums across blocks: `featdp.backend`); computed once per preprocessing and backend for a
     `FrozenArraySource` (whose rows cannot change)."""
     memo = getattr(data.source, "memo", None)
-    key = ("second_moments", data.preprocessing)
+    backend = data.backend
+    key = ("second_moments", data.preprocessing, backend.name)
     if memo is not None and key in memo:
         return memo[key]
-    d, k = data.feature_dim, data.num_classes
-    gram = np.zeros((d, d), dtype=np.float64)
-    cross = np.zeros((d, k), dtype=np.float64)
-    for x, y in data.blocks():
-        # float32 gemm per block (BLAS is fastest there), float64 accumulation across blocks.
-        gram += x.T @ x
-        cross += class_sums(x, y, k)
+    gram, cross = backend.second_moments(data)
     if memo is not None:
         gram.flags.writeable = cross.flags.writeable = False  # shared by later fits: nobody may change them
         memo[key] = (gram, cross)

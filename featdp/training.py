@@ -19,6 +19,7 @@ from dp_accounting import dp_event as events
 
 from featdp import accounting
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
+from featdp.backend import resolve as resolve_backend
 from featdp.data import ArraySource, DataError, RowSource, TrainingData, maybe_in_memory
 from featdp.featurefile import check_allocation
 from featdp.mechanism import Release, Releaser, ReleaserInterface, make_key, sampling_slack
@@ -106,10 +107,13 @@ def fit(
     accountant: str = "pld",
     hyperparameters: dict | None = None,
     releaser: ReleaserInterface | None = None,
+    device: str = "auto",
 ) -> FitResult:
     """Trains `method` on `train` with (ε, δ)-DP; noise comes from the OS unless `seed` is given.
 
-    `releaser` replaces the one built from the seed (an audit's recorder, say)."""
+    `releaser` replaces the one built from the seed (an audit's recorder, say). `device` chooses where the
+    passes over the data run (`featdp.backend.DEVICES`: "auto" is an accelerator if JAX has one, else
+    numpy on the CPU); noise is always drawn on the host."""
     if isinstance(method, str):
         method = get_method(method, **(hyperparameters or {}))
     elif hyperparameters:
@@ -119,12 +123,14 @@ def fit(
         raise DataError("the training split is empty: there is nothing to fit")
     check_allocation(working_memory_bytes(method, train.feature_dim, train.num_classes),
                      f"method {method.name!r} at d = {train.feature_dim}, K = {train.num_classes}")
+    backend = resolve_backend(device)
     key = make_key(seed)
     releaser = releaser if releaser is not None else Releaser(key)
     source = maybe_in_memory(train)
     if not method.private:
         start = time.perf_counter()
-        weights = method.fit(TrainingData(source, method.preprocessing(), public_num_examples=n), 0.0, releaser)
+        data = TrainingData(source, method.preprocessing(), public_num_examples=n, device=backend)
+        weights = method.fit(data, 0.0, releaser)
         return _result(method, weights, n, releaser, None, key.seeded, time.perf_counter() - start)
     if epsilon is None:
         raise accounting.PrivacyParameterError(f"method {method.name!r} is private: epsilon is required")
@@ -141,7 +147,7 @@ def fit(
     calibration = accounting.calibrate(
         lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant
     )
-    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value)
+    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend)
     start = time.perf_counter()
     weights = method.fit(data, calibration.noise_scale, releaser)
     elapsed = time.perf_counter() - start

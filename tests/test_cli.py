@@ -434,3 +434,9 @@ def test_zero_extract_workers_load_in_this_process(tmp_path):
         assert result.exit_code == 0, result.output
     with h5py.File(tmp_path / "w0.h5") as zero, h5py.File(tmp_path / "w1.h5") as one:
         assert np.array_equal(zero["train/features"][:], one["train/features"][:])
+
+
+def test_an_unknown_device_is_an_error_line(features, tmp_path):
+    result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--device", "abacus", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "error: device must be one of" in result.output, result.output
+    assert not (tmp_path / "o").exists()

@@ -94,19 +94,13 @@ class DPNewton(Method):
 
     @staticmethod
     def _gradient_and_hessians(data, weights):
-        """G and a lazy sequence of the K Hessians. At W = 0 every H_c = A/4: one Gram pass serves all."""
-        d, k = weights.shape
-        gradient = np.zeros((d, k))
+        """G and a lazy sequence of the K Hessians (clean; from `data.backend`). At W = 0 every H_c = A/4:
+        one Gram pass serves all."""
+        k = weights.shape[1]
         if not weights.any():
             # s = 1/2 everywhere: G = Σ x (1/2 − e_y)ᵀ = ½·(B·1)·1ᵀ − B, since B's rows sum to Σ x.
             gram, cross = stats.second_moments(data)
             gradient = 0.5 * cross.sum(axis=1, keepdims=True) - cross
             return gradient, (gram / 4 for _ in range(k))
-        hessians = np.zeros((k, d, d))
-        for x, y in data.blocks():
-            probs = stats.sigmoid(x @ weights.astype(np.float32))
-            gradient += x.T @ (probs - stats.one_hot(y, k))
-            curvature = probs * (1 - probs)
-            for cls in range(k):
-                hessians[cls] += (x * curvature[:, cls : cls + 1]).T @ x
+        gradient, hessians = data.backend.newton_statistics(data, weights)
         return gradient, iter(hessians)
