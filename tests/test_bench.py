@@ -1,4 +1,5 @@
-"""`featdp bench`: the grid of rows, tuning on held-out rows only, the report files, and bad input."""
+"""`featdp bench`: the grid of rows, oracle selection on held-out rows, private selection within the budget,
+the report files, and bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import make_blobs
 from featdp.bench import report, tuning
 from featdp.accounting import PrivacyParameterError
-from featdp.bench.runner import BenchConfig, BenchError, run_bench
+from featdp.bench.runner import BenchConfig, BenchError, BenchRow, private_tuning_seed, run_bench
 from featdp.data import FrozenArraySource, Preprocessing, TrainingData
 from featdp.featurefile import write_features
 from featdp.methods import registry
@@ -36,7 +37,7 @@ def bench_result(splits):
 
 def test_every_method_epsilon_and_seed_gets_one_row_per_kind(bench_result):
     rows = bench_result.rows
-    for kind in ("default", "tuned"):
+    for kind in ("default", "oracle", "private-tuned"):
         for method in ("dp-ls", "dp-sgd"):
             got = sorted((r.epsilon, r.seed) for r in rows if r.kind == kind and r.method == method)
             assert got == [(1.0, 0), (1.0, 1), (8.0, 0), (8.0, 1)]
@@ -49,7 +50,8 @@ def test_every_method_epsilon_and_seed_gets_one_row_per_kind(bench_result):
 
 
 def test_seeds_make_rows_reproducible_and_distinct(splits, bench_result):
-    again = run_bench(*splits, BenchConfig(epsilons=(1.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False))
+    again = run_bench(*splits, BenchConfig(epsilons=(1.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False,
+                                           private_tune=False))
     first = {(r.seed): r.accuracy for r in bench_result.rows
              if r.kind == "default" and r.method == "dp-ls" and r.epsilon == 1.0}
     assert {r.seed: r.accuracy for r in again.rows} == first
@@ -57,8 +59,8 @@ def test_seeds_make_rows_reproducible_and_distinct(splits, bench_result):
     assert noise[0] == noise[1] > 0
 
 
-def test_tuned_rows_record_the_held_out_choice(bench_result):
-    tuned = [r for r in bench_result.rows if r.kind == "tuned"]
+def test_oracle_rows_record_the_held_out_choice(bench_result):
+    tuned = [r for r in bench_result.rows if r.kind == "oracle"]
     assert all(r.validation_accuracy is not None for r in tuned if r.method != "dp-newton")
     grid = [dict(c) for c in registry()["dp-ls"].tuning_grid(450)]
     for row in tuned:
@@ -102,10 +104,17 @@ def test_report_files(bench_result, tmp_path):
     assert sorted(p.name for p in paths) == ["blobs.csv", "blobs.json", "blobs.md", "blobs.png"]
     text = (tmp_path / "blobs.md").read_text()
     assert "featdp bench blobs.h5" in text and "**not** counted" in text
-    for kind, method in (("default", "dp-ls"), ("tuned", "dp-sgd"), ("non-private", "ridge")):
+    for kind, method in (("default", "dp-ls"), ("private-tuned", "dp-sgd"), ("oracle selection (not private)", "dp-sgd"),
+                         ("non-private", "ridge")):
         assert f"| {kind} | {method} |" in text
+    assert "| tuned |" not in text and "| oracle |" not in text  # the markdown never calls oracle rows "tuned"
+    assert "**oracle selection (not private)**" in text and "RepeatAndSelectDpEvent" in text
+    # Each method's rows side by side: default, private-tuned, oracle.
+    table = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if "| dp-sgd |" in line]
+    assert table == ["default", "private-tuned", "oracle selection (not private)"]
     records = list(csv.DictReader(io.StringIO((tmp_path / "blobs.csv").read_text())))
     assert len(records) == len(bench_result.rows)
+    assert {r["kind"] for r in records} == {"default", "private-tuned", "oracle", "non-private"}
     assert json.loads((tmp_path / "blobs.json").read_text())["num_train"] == 500
     assert (tmp_path / "blobs.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.partial*"))
@@ -163,9 +172,12 @@ def test_cli_bench_bad_input_exits_2_and_writes_nothing(tmp_path, args, message)
 def test_a_single_candidate_grid_reuses_the_default_fits(splits):
     result = run_bench(*splits, BenchConfig(epsilons=(2.0,), delta=1e-4, seeds=2, methods=("dp-newton",)))
     default = [r for r in result.rows if r.kind == "default"]
-    tuned = [r for r in result.rows if r.kind == "tuned"]
+    tuned = [r for r in result.rows if r.kind == "oracle"]
     assert [(r.seed, r.accuracy, r.fit_seconds) for r in tuned] == [(r.seed, r.accuracy, r.fit_seconds) for r in default]
     assert all(r.validation_accuracy is None for r in tuned)
+    # Nothing to select: no private-tuned row, and the table says why.
+    assert not [r for r in result.rows if r.kind == "private-tuned"]
+    assert "No private-tuned row for dp-newton" in report.markdown(result, "t", "cmd")
 
 
 def test_json_round_trip_renders_the_same_table(bench_result):
@@ -193,7 +205,7 @@ def test_reused_decompositions_change_no_result(splits, bench_result, monkeypatc
     calls = []
     real = linalg._eigh
     monkeypatch.setattr(linalg, "_eigh", lambda m: calls.append(1) or real(m))
-    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls",))
+    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls",), private_tune=False)
     cached = run_bench(*splits, config)
     with_cache = len(calls)
     monkeypatch.setattr(linalg, "reusing_decompositions", lambda: contextlib.nullcontext())
@@ -203,3 +215,97 @@ def test_reused_decompositions_change_no_result(splits, bench_result, monkeypatc
         [(r.kind, r.epsilon, r.seed, r.accuracy) for r in uncached.rows]
     # Per ε: 2 default fits + one shared release for all λ candidates; tuned fits reuse the defaults'.
     assert with_cache == 2 * (2 + 1) < len(calls)
+
+
+# ------------------------------------------------------------------------------------ private-tuned rows
+
+
+def _private(rows):
+    return [r for r in rows if r.kind == "private-tuned"]
+
+
+def test_private_tuned_rows_spend_at_most_the_target(bench_result):
+    rows = _private(bench_result.rows)
+    assert len(rows) == 2 * 2 * 2  # dp-ls and dp-sgd (ridge is not private) × 2 ε × 2 seeds
+    for row in rows:
+        assert row.epsilon_spent <= row.epsilon and row.delta_spent <= row.delta == 1e-4
+        assert row.epsilon_spent > 0.99 * row.epsilon  # the selection uses its budget, not a fraction of it
+        assert row.mean_runs == len(registry()[row.method].tuning_grid(1000))
+        assert 0 <= row.validation_accuracy <= 1 and row.noise_scale > 0
+    for row in bench_result.rows:  # default and oracle rows state theirs too
+        if row.kind in ("default", "oracle"):
+            assert row.epsilon_spent <= row.epsilon
+
+
+def test_private_tuned_rows_are_featdp_selection_seeded_per_row(splits, bench_result):
+    from featdp import selection
+
+    train, test = splits
+    row = next(r for r in _private(bench_result.rows) if (r.method, r.epsilon, r.seed) == ("dp-sgd", 1.0, 1))
+    chosen = selection.select(train, ["dp-sgd"], epsilon=1.0, delta=1e-4, mean_runs=row.mean_runs,
+                              seed=private_tuning_seed("dp-sgd", 1.0, 1))
+    assert float(np.mean(chosen.predict(test.features) == test.labels)) == row.accuracy
+    assert chosen.privacy.epsilon == row.epsilon_spent
+    # Every row draws its own K, candidates and noise.
+    seeds = {private_tuning_seed(m, e, s) for m in ("dp-ls", "dp-sgd") for e in (1.0, 8.0) for s in (0, 1)}
+    assert len(seeds) == 8 and private_tuning_seed("dp-ls", 1.0, 0) == private_tuning_seed("dp-ls", 1, 0)
+
+
+def test_private_tuned_rows_reproduce_with_the_seed(splits, bench_result):
+    config = BenchConfig(epsilons=(8.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False)
+    again = run_bench(*splits, config)
+    assert {r.kind for r in again.rows} == {"default", "private-tuned"}
+
+    def key(rows):
+        return [(r.seed, r.accuracy, r.hyperparameters, r.validation_accuracy, r.epsilon_spent)
+                for r in _private(rows) if r.method == "dp-ls" and r.epsilon == 8.0]
+
+    assert key(again.rows) == key(bench_result.rows) and len(key(again.rows)) == 2
+
+
+def test_mean_runs_is_a_public_setting(splits):
+    config = BenchConfig(epsilons=(4.0,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False, mean_runs=2)
+    rows = _private(run_bench(*splits, config).rows)
+    assert [r.mean_runs for r in rows] == [2.0] and rows[0].epsilon_spent <= 4.0
+    off = run_bench(*splits, BenchConfig(epsilons=(4.0,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False,
+                                         private_tune=False))
+    assert {r.kind for r in off.rows} == {"default"}
+    for bad in (0.5, float("nan"), True):
+        with pytest.raises(BenchError, match="mean number of runs must be a finite number >= 1"):
+            BenchConfig(mean_runs=bad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, from the accountants' searches at a tiny ε
+def test_a_budget_too_small_to_tune_is_reported_not_fatal(splits):
+    result = run_bench(*splits, BenchConfig(epsilons=(1e-3,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False))
+    assert [r.kind for r in result.rows] == ["default"]
+    assert "too small to tune" in result.skipped["dp-ls private-tuned at ε = 0.001"]
+
+
+def test_old_json_tuned_rows_read_back_as_oracle(bench_result):
+    record = json.loads(report.to_json(bench_result, "cmd"))
+    del record["config"]["private_tune"], record["config"]["mean_runs"]
+    record["rows"] = [{k: v for k, v in row.items() if k in ("kind", "method", "epsilon", "delta", "seed", "accuracy",
+                                                          "fit_seconds", "hyperparameters", "noise_scale",
+                                                          "validation_accuracy")}
+                      | {"kind": "tuned" if row["kind"] == "oracle" else row["kind"]}
+                      for row in record["rows"] if row["kind"] != "private-tuned"]
+    old = report.from_json(json.dumps(record))
+    assert {r.kind for r in old.rows} == {"default", "oracle", "non-private"}
+    text = report.markdown(old, "t", "cmd")
+    assert "| oracle selection (not private) | dp-ls |" in text and "private-tuned" not in text
+    assert isinstance(old.rows[0], BenchRow)
+
+
+def test_cli_bench_private_tuning_options(tmp_path):
+    path = _feature_file(tmp_path)
+    result = CliRunner().invoke(app, ["bench", str(path), "--eps", "4", "--seeds", "1", "--methods", "dp-ls",
+                                      "--no-tune", "--mean-runs", "2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "f.md").read_text()
+    assert "--mean-runs 2" in text and "| private-tuned | dp-ls |" in text and "dp-ls R = 2" in text
+    rows = json.loads((tmp_path / "out" / "f.json").read_text())["rows"]
+    assert sorted(r["kind"] for r in rows) == ["default", "private-tuned"]
+    bad = CliRunner().invoke(app, ["bench", str(path), "--eps", "4", "--seeds", "1", "--mean-runs", "0.5",
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "mean number of runs" in bad.output and not (tmp_path / "bad").exists()

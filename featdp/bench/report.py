@@ -12,7 +12,25 @@ from collections import defaultdict
 
 from featdp.bench.runner import BenchConfig, BenchResult, BenchRow
 
-KIND_ORDER = ("default", "tuned", "peer", "non-private")
+KIND_ORDER = ("default", "private-tuned", "oracle", "peer", "non-private")
+# What the markdown and the plot call each kind; csv/json keep the machine names above.
+KIND_LABELS = {
+    "default": "default",
+    "private-tuned": "private-tuned",
+    "oracle": "oracle selection (not private)",
+    "peer": "peer",
+    "non-private": "non-private",
+}
+# Tables written before private tuning named the oracle rows "tuned".
+_OLD_KIND_NAMES = {"tuned": "oracle"}
+
+
+def _order(key: tuple[str, str]) -> tuple:
+    """featdp's private methods first, each with its default, private-tuned and oracle rows side by side;
+    then peers, then the non-private references."""
+    kind, method = key
+    group = {"peer": 1, "non-private": 2}.get(kind, 0)
+    return group, method, KIND_ORDER.index(kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +59,14 @@ def summarize(rows: list[BenchRow]) -> dict[tuple[str, str], dict[float | None, 
             statistics.median(r.fit_seconds for r in group),
             len(group),
         )
-    return dict(sorted(table.items(), key=lambda item: (KIND_ORDER.index(item[0][0]), item[0][1])))
+    return dict(sorted(table.items(), key=lambda item: _order(item[0])))
 
 
 def markdown(result: BenchResult, title: str, command: str) -> str:
     config = result.config
     table = summarize(result.rows)
     epsilons = list(config.epsilons)
+    rdp = " (private-tuned rows: rdp)" if any(r.kind == "private-tuned" for r in result.rows) else ""
     lines = [
         f"# {title}",
         "",
@@ -55,7 +74,7 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
         "",
         f"n = {result.num_train} train / {result.num_test} test, d = {result.feature_dim}, "
         f"K = {result.num_classes}; δ = {config.delta:g}; {config.seeds} seeds (0…{config.seeds - 1}; seeded "
-        f"noise, reproducible); accountant {config.accountant}. Cells: test top-1 % median ± std over seeds.",
+        f"noise, reproducible); accountant {config.accountant}{rdp}. Cells: test top-1 % median ± std over seeds.",
         "",
         "| kind | method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | fit s (median) |",
         "|---|---|" + "---|" * len(epsilons) + "---|",
@@ -68,13 +87,37 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
         else:
             values = [cells[e].text() if e in cells else "—" for e in epsilons]
             seconds = statistics.median(c.seconds for c in cells.values())
-        lines.append(f"| {kind} | {method} | " + " | ".join(values) + f" | {seconds:.2f} |")
+        lines.append(f"| {KIND_LABELS[kind]} | {method} | " + " | ".join(values) + f" | {seconds:.2f} |")
+    kinds = {row.kind for row in result.rows}
+    private_tuned = [r for r in result.rows if r.kind == "private-tuned"]
+    lines += ["", "* **default**: data-independent hyperparameters, the whole pipeline is (ε, δ)-DP."]
+    if private_tuned or (config.private_tune and "default" in kinds):
+        lines.append(
+            "* **private-tuned**: hyperparameters chosen privately among the method's `tuning_grid` by "
+            "`featdp.selection.select` (random stopping, Papernot & Steinke 2022; what `featdp tune` does): "
+            "a released count, then K runs with K geometric of public mean R, each a uniformly drawn "
+            "candidate fitted on the 90% fit part of the train split (split by a per-example hash) and "
+            "scored by a noisy count of correct predictions on the other 10%; the best run's head is "
+            "tested. The whole selection is within the column's (ε, δ), accounted as one "
+            "RepeatAndSelectDpEvent by the RDP accountant. Fit s is the whole selection, every run "
+            "included. Each row has its own seed, derived from (method, ε, seed): reruns reproduce it."
+        )
+        if private_tuned:
+            lines.append("  " + _private_tuned_budget(private_tuned, epsilons))
+        single = _single_candidate_methods(result.rows)
+        if single:
+            lines.append(
+                f"* No private-tuned row for {', '.join(single)}: its tuning grid has a single candidate, so "
+                "there is nothing to select and its default row is already private end to end."
+            )
+    if "oracle" in kinds:
+        lines.append(
+            "* **oracle selection (not private)**: hyperparameters chosen per ε on a held-out "
+            f"{100 * config.holdout_fraction:g}% of the train split among each method's `tuning_grid`, then "
+            "refitted on the whole train split; the privacy cost of that choice is **not** counted (as in "
+            "the papers): an upper reference for what selection can give, not a private result."
+        )
     lines += [
-        "",
-        "* **default**: data-independent hyperparameters, the whole pipeline is (ε, δ)-DP.",
-        "* **tuned**: hyperparameters chosen per ε on a held-out "
-        f"{100 * config.holdout_fraction:g}% of the train split among each method's `tuning_grid`; the "
-        "privacy cost of that choice is **not** counted (as in the papers).",
         "* **non-private**: the same features without privacy; the same value is repeated in every column.",
         "* **peer**: other libraries on the same unit-normalized features "
         "(diffprivlib is pure ε-DP: δ = 0).",
@@ -83,13 +126,45 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
     ]
     if result.skipped:
         lines.append("* Not run: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+    if private_tuned:
+        lines += ["", "Private-tuned choices, per seed (the chosen run's released noisy validation accuracy %):", ""]
+        for (method, eps), choices in _private_choices(private_tuned).items():
+            lines.append(f"* {method} at ε = {eps:g}: " + "; ".join(
+                f"seed {seed}: {params or 'defaults'} ({100 * acc:.1f})" for seed, params, acc in choices))
     tuned = _tuned_choices(result.rows)
     if tuned:
-        lines += ["", "Tuned choices (held-out accuracy %):", ""]
+        lines += ["", "Oracle selection (not private) choices (held-out accuracy %):", ""]
         lines += [f"* {method} at ε = {eps:g}: {params or 'defaults'} "
                   + (f"({100 * acc:.1f})" if acc is not None else "(no other candidate)")
                   for (method, eps), (params, acc) in tuned.items()]
     return "\n".join(lines) + "\n"
+
+
+def _private_tuned_budget(rows: list[BenchRow], epsilons: list[float]) -> str:
+    """The largest total ε any private-tuned row reports, per column, against the column's target."""
+    spent: dict[float, float] = {}
+    for row in rows:
+        if row.epsilon_spent is not None:
+            spent[row.epsilon] = max(spent.get(row.epsilon, 0.0), row.epsilon_spent)
+    parts = [f"ε = {e:g}: {spent[e]:.6g}" for e in epsilons if e in spent]
+    mean_runs = sorted({(r.method, r.mean_runs) for r in rows if r.mean_runs is not None})
+    runs = ", ".join(f"{method} R = {value:g}" for method, value in mean_runs)
+    return (f"Total ε reported by the selection (largest over seeds): {'; '.join(parts)}"
+            + (f". Mean number of runs: {runs}." if runs else "."))
+
+
+def _single_candidate_methods(rows: list[BenchRow]) -> list[str]:
+    from featdp.bench.runner import grid_size
+
+    names = sorted({r.method for r in rows if r.kind == "default"})
+    return [name for name in names if grid_size(name) < 2]
+
+
+def _private_choices(rows: list[BenchRow]) -> dict:
+    choices: dict = defaultdict(list)
+    for row in sorted(rows, key=lambda r: (r.method, r.epsilon, r.seed)):
+        choices[(row.method, row.epsilon)].append((row.seed, row.hyperparameters, row.validation_accuracy))
+    return dict(choices)
 
 
 def from_json(text: str) -> BenchResult:
@@ -99,8 +174,11 @@ def from_json(text: str) -> BenchResult:
     for key in ("epsilons", "methods", "peers", "peer_epsilons"):
         if config.get(key) is not None:
             config[key] = tuple(config[key])
+    if "private_tune" not in config:  # written before private tuning: it had no such rows
+        config["private_tune"] = False
+    rows = [BenchRow(**(row | {"kind": _OLD_KIND_NAMES.get(row["kind"], row["kind"])})) for row in record["rows"]]
     return BenchResult(
-        BenchConfig(**config), [BenchRow(**row) for row in record["rows"]], record["num_train"],
+        BenchConfig(**config), rows, record["num_train"],
         record["num_test"], record["feature_dim"], record["num_classes"], record["statistics_seconds"],
         record["total_seconds"], record["skipped"],
     )
@@ -109,7 +187,7 @@ def from_json(text: str) -> BenchResult:
 def _tuned_choices(rows: list[BenchRow]) -> dict:
     choices = {}
     for row in rows:
-        if row.kind == "tuned":
+        if row.kind == "oracle":
             choices[(row.method, row.epsilon)] = (row.hyperparameters, row.validation_accuracy)
     return choices
 
@@ -149,8 +227,11 @@ def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {"default": "-o", "tuned": "--s", "peer": ":^"}
+    # One colour per method; the kind is the line style: private-tuned solid, oracle dashed.
+    styles = {"default": ":o", "private-tuned": "-D", "oracle": "--s", "peer": "-.^"}
     table = summarize(result.rows)
+    methods = list(dict.fromkeys(method for (kind, method), cells in table.items() if None not in cells))
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     # The axis spans featdp's own rows; a peer far below them is named in the title instead of
     # squashing every other curve into a band.
     own = [c.median for (kind, _), cells in table.items() if kind != "peer" for c in cells.values()]
@@ -172,7 +253,7 @@ def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
             below.append(f"{method} ≤ {max(medians):.0f}%")
             continue
         axis.errorbar(epsilons, medians, yerr=[100 * cells[e].std for e in epsilons], fmt=styles[kind], ms=4,
-                      capsize=2, label=f"{method} ({kind})")
+                      capsize=2, color=colours[method], label=f"{method}, {KIND_LABELS[kind]}")
     axis.set_ylim(bottom=bottom)
     if below:
         title = f"{title}\n(below the axis: {', '.join(below)})"

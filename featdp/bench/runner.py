@@ -1,12 +1,17 @@
 """The bench grid: every registered method × ε × seed on one feature file, plus non-private and peer rows.
 
-Row kinds, kept apart in every table:
-* ``default``      the method's data-independent defaults: the whole pipeline is private.
-* ``tuned``        hyperparameters chosen per ε among the method's `tuning_grid` by accuracy on a held-out
-                   part of the train split (`featdp.bench.tuning`). The privacy cost of that choice is NOT
-                   counted, as in the papers; the tables say so.
-* ``non-private``  ridge and logistic regression on the same features: the price of privacy.
-* ``peer``         other libraries on the same preprocessed features (`featdp.bench.peers`).
+Row kinds, kept apart in every table (the markdown names them by `report.KIND_LABELS`):
+* ``default``        the method's data-independent defaults: the whole pipeline is private.
+* ``private-tuned``  hyperparameters chosen privately by `featdp.selection.select` (random stopping,
+                     Papernot & Steinke 2022) among the method's `tuning_grid`, the whole selection within
+                     the column's (ε, δ): what `featdp tune --method M --eps E` does, seeded per row. Only
+                     for methods whose grid has more than one candidate (otherwise the default row is
+                     already private end to end).
+* ``oracle``         "oracle selection (not private)": hyperparameters chosen per ε by accuracy on a
+                     held-out part of the train split (`featdp.bench.tuning`). The privacy cost of that
+                     choice is NOT counted, as in the papers; the tables say so.
+* ``non-private``    ridge and logistic regression on the same features: the price of privacy.
+* ``peer``           other libraries on the same preprocessed features (`featdp.bench.peers`).
 
 Exact pre-noise statistics (the Gram matrix) are computed once per data and preprocessing and reused by
 later fits (`FrozenArraySource`); every fit still calibrates and draws its own noise. Fit times are
@@ -16,14 +21,16 @@ therefore the method's cost given those statistics; the one-time pass is reporte
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import time
 import warnings
 from typing import Callable, Iterable
 
 import numpy as np
 
-from featdp import linalg, stats
-from featdp.accounting import DeltaWarning, PrivacyTarget
+from featdp import linalg, selection, stats
+from featdp.accounting import DeltaWarning, PrivacyParameterError, PrivacyTarget
 from featdp.bench import tuning
 from featdp.data import FrozenArraySource, Preprocessing, TrainingData
 from featdp.methods import get_method, registry
@@ -31,7 +38,31 @@ from featdp.training import fit
 
 
 class BenchError(ValueError):
-    """Bad bench arguments: ε ≤ 0, no seeds, an unknown method or peer."""
+    """Bad bench arguments: ε ≤ 0, no seeds, an unknown method or peer, a mean number of runs < 1."""
+
+
+# The probe size at which a grid's candidates are counted (as `featdp tune` checks its arguments): no
+# registered method's grid size depends on n, and a fixed size keeps R a public constant.
+_GRID_PROBE_SIZE = 1000.0
+
+
+def grid_size(name: str) -> int:
+    """The number of distinct candidates in `name`'s tuning grid (public: fixed before any data is read)."""
+    return len(selection.build_candidates([name], None, _GRID_PROBE_SIZE))
+
+
+def mean_runs_for(name: str, config: "BenchConfig") -> float:
+    """R for `name`'s private-tuned rows: `config.mean_runs`, or by default the grid's size.
+
+    Why the grid's size: every candidate is then drawn once on average, while random stopping's ε grows
+    only like log R (Papernot & Steinke, Theorem 2). Doubling R is not free either: at δ = 1e-5 it
+    raises the noise of every run by 12–15% (σ_run at ε = 1 / 3 / 8: ≈ 7.03 / 2.38 / 0.87 for
+    R = 3 against 8.00 / 2.71 / 1.00 for R = 6; R = 4 → 8 likewise 12%), doubles the expected running
+    time, and with K geometric only lowers the chance that a given candidate is never drawn from
+    (m−1)/(2m−1) to (m−1)/(3m−1) (m = 3: 40% → 25%; m = 4: 43% → 27%). R = m is the cheaper end of that
+    trade; `--mean-runs` sets another R.
+    """
+    return float(config.mean_runs) if config.mean_runs is not None else float(grid_size(name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +71,9 @@ class BenchConfig:
     delta: float = 1e-5
     seeds: int = 5
     methods: tuple[str, ...] | None = None  # None: every registered method
-    tune: bool = True
+    tune: bool = True  # oracle rows: selection on held-out train rows, not private
+    private_tune: bool = True  # private-tuned rows: `featdp.selection.select` within the same (ε, δ)
+    mean_runs: float | None = None  # R of the private selection; None: each method's grid size (`mean_runs_for`)
     holdout_fraction: float = 0.1
     peers: tuple[str, ...] = ()
     peer_epsilons: tuple[float, ...] | None = None  # None: the same ε as the methods
@@ -57,6 +90,11 @@ class BenchConfig:
             raise BenchError(f"seeds must be ≥ 1, got {self.seeds} (peers: {self.peer_seeds})")
         if not 0 < self.holdout_fraction < 1:
             raise BenchError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.mean_runs is not None and (
+            isinstance(self.mean_runs, bool) or not isinstance(self.mean_runs, (int, float))
+            or not (math.isfinite(self.mean_runs) and self.mean_runs >= 1)
+        ):
+            raise BenchError(f"the mean number of runs must be a finite number >= 1, got {self.mean_runs!r}")
         known = registry()
         unknown = [m for m in (self.methods or ()) if m not in known]
         if unknown:
@@ -73,16 +111,22 @@ class BenchConfig:
 class BenchRow:
     """One fit: what ran, on which budget, and how it did on the test split."""
 
-    kind: str  # default | tuned | non-private | peer
+    kind: str  # default | private-tuned | oracle | non-private | peer
     method: str
-    epsilon: float | None
+    epsilon: float | None  # the target: for private-tuned rows the total ε of the whole selection
     delta: float | None
     seed: int
     accuracy: float
-    fit_seconds: float
+    fit_seconds: float  # private-tuned rows: the whole selection, every run included
     hyperparameters: dict
     noise_scale: float | None = None
-    validation_accuracy: float | None = None  # tuned rows: the held-out accuracy that chose them
+    # oracle rows: the held-out accuracy that chose them; private-tuned rows: the chosen run's released
+    # noisy validation accuracy (what `featdp tune` reports)
+    validation_accuracy: float | None = None
+    epsilon_spent: float | None = None  # private rows: the ε the privacy report states (≤ epsilon)
+    delta_spent: float | None = None
+    mean_runs: float | None = None  # private-tuned rows: R, public. K, the number of runs drawn, is not
+    # recorded anywhere: the guarantee covers the best run alone, and K with it would void the bound.
 
 
 @dataclasses.dataclass
@@ -95,7 +139,7 @@ class BenchResult:
     num_classes: int
     statistics_seconds: float  # the one-time exact Gram pass shared by the second-moment methods
     total_seconds: float
-    skipped: dict[str, str]  # peer -> why it did not run
+    skipped: dict[str, str]  # peer, or "method private-tuned at ε = e" -> why it did not run
 
 
 def load_splits(path, train_split: str = "train", test_split: str = "test") -> tuple[FrozenArraySource, FrozenArraySource]:
@@ -138,8 +182,8 @@ def run_bench(
                           result.method.hyperparameters()))
         if config.tune:
             fit_part, holdout = tuning.split_holdout(train, config.holdout_fraction)
-        # One (method, ε) at a time, defaults then tuning then tuned: candidates that differ only in λ or
-        # in later steps, and tuned fits with the default fits' seeds, release bit-identical noisy Gram
+        # One (method, ε) at a time, defaults then tuning then oracle: candidates that differ only in λ or
+        # in later steps, and oracle fits with the default fits' seeds, release bit-identical noisy Gram
         # matrices, whose decompositions are then still in the cache.
         with linalg.reusing_decompositions():
             for name in private:
@@ -154,7 +198,20 @@ def run_bench(
                         row = _tuned_row(choice, rows, train, test, epsilon, config, seed)
                         row.validation_accuracy = choice.validation_accuracy
                         emit(row)
-        skipped = _run_peers(train, test, config, emit)
+        # Outside the decomposition cache: every run of a selection releases its own noisy matrices.
+        skipped: dict[str, str] = {}
+        if config.private_tune:
+            for name in private:
+                if grid_size(name) < 2:
+                    continue  # one candidate: nothing to select; the default row is private end to end
+                for epsilon in config.epsilons:
+                    for seed in range(config.seeds):
+                        try:
+                            emit(_private_tuned_row(name, train, test, epsilon, config, seed))
+                        except (PrivacyParameterError, selection.SelectionError) as error:
+                            skipped[f"{name} private-tuned at ε = {epsilon:g}"] = str(error)
+                            break
+        skipped.update(_run_peers(train, test, config, emit))
     return BenchResult(config, rows, train.num_examples, test.num_examples, train.feature_dim,
                        train.num_classes, statistics_seconds, time.perf_counter() - started, skipped)
 
@@ -168,7 +225,8 @@ def _precompute_statistics(train: FrozenArraySource) -> float:
 def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: int) -> BenchRow:
     result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant)
     return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
-                    _changed_hyperparameters(method), result.calibration.noise_scale)
+                    _changed_hyperparameters(method), result.calibration.noise_scale,
+                    epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta)
 
 
 def _tuned_row(choice, rows, train, test, epsilon, config, seed) -> BenchRow:
@@ -176,8 +234,31 @@ def _tuned_row(choice, rows, train, test, epsilon, config, seed) -> BenchRow:
     if choice.method == type(choice.method)():
         for row in rows:
             if (row.kind, row.method, row.epsilon, row.seed) == ("default", choice.method.name, epsilon, seed):
-                return dataclasses.replace(row, kind="tuned")
-    return _private_row("tuned", train, test, choice.method, epsilon, config, seed)
+                return dataclasses.replace(row, kind="oracle")
+    return _private_row("oracle", train, test, choice.method, epsilon, config, seed)
+
+
+def private_tuning_seed(method: str, epsilon: float, seed: int) -> int:
+    """The seed of one private-tuned row: a fixed function of (method, ε, seed), so reruns reproduce every
+    draw (K, the candidates, the noise), and rows draw independently of each other and of the default
+    fits (which use the seed itself)."""
+    text = f"featdp bench private-tuned v1|{method}|{float(epsilon)!r}|{int(seed)}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
+
+
+def _private_tuned_row(name, train, test, epsilon, config: BenchConfig, seed: int) -> BenchRow:
+    """`featdp tune --method name --eps epsilon --delta δ --mean-runs R`, seeded: the head comes from the
+    fit part (90%) of the train split, chosen among `name`'s tuning grid by noisy validation accuracy."""
+    mean_runs = mean_runs_for(name, config)
+    result = selection.select(train, [name], epsilon=epsilon, delta=config.delta, mean_runs=mean_runs,
+                              seed=private_tuning_seed(name, epsilon, seed))
+    accuracy = float(np.mean(result.predict(test.features) == test.labels))
+    return BenchRow(
+        "private-tuned", name, epsilon, config.delta, seed, accuracy, result.seconds,
+        _changed_hyperparameters(result.method), result.best.noise_scale,
+        validation_accuracy=result.best.noisy_accuracy(result.public_validation_size),
+        epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta, mean_runs=mean_runs,
+    )
 
 
 def _changed_hyperparameters(method) -> dict:

@@ -1,8 +1,10 @@
-"""Tuned rows: each method's hyperparameters chosen per ε on a held-out part of the train split.
+"""Oracle rows ("oracle selection (not private)"): each method's hyperparameters chosen per ε on a
+held-out part of the train split.
 
 This is how the papers report their best numbers, and it is not free: the choice depends on the private
-training data, and its privacy cost (e.g. Papernot & Steinke 2022) is not counted here. Tables that show
-tuned rows say so. Each candidate is fitted once, with a seed no evaluation fit uses.
+training data, and its privacy cost is not counted here. Tables that show oracle rows say so; the
+private-tuned rows beside them make the same choice privately (`featdp.selection`, Papernot & Steinke
+2022) within the column's ε. Each candidate is fitted once, with a seed no evaluation fit uses.
 """
 
 from __future__ import annotations
