@@ -242,7 +242,14 @@ def maybe_in_memory(source: RowSource, budget_bytes: int = IN_MEMORY_BUDGET_BYTE
         return source
     if source.num_examples * source.feature_dim * 4 > budget_bytes:
         return source
-    xs, ys = zip(*source.blocks()) if source.num_examples else ((), ())
-    features = np.concatenate(xs) if xs else np.zeros((0, source.feature_dim), np.float32)
-    labels = np.concatenate(ys) if ys else np.zeros((0,), np.int64)
+    # Filled block by block into arrays of the final size: no list of blocks plus a concatenated copy.
+    features = np.empty((source.num_examples, source.feature_dim), np.float32)
+    labels = np.empty((source.num_examples,), np.int64)
+    start = 0
+    for x, y in source.blocks():
+        features[start : start + len(y)] = x
+        labels[start : start + len(y)] = y
+        start += len(y)
+    if start != source.num_examples:
+        raise DataError(f"the split yielded {start} rows, but declares {source.num_examples}")
     return ArraySource(features, labels, source.num_classes)
