@@ -129,21 +129,28 @@ def _print_summary(job) -> None:
     table = Table(show_header=False, box=None)
     table.add_row("method", report["method"])
     if report["private"]:
-        table.add_row("epsilon", f"{report['epsilon']:.4f} (target {report['target_epsilon']:g})")
-        table.add_row("delta", f"{report['delta']:g}")
-        table.add_row("accountant", report["accountant"])
+        _add_privacy_rows(table, report)
+        table.add_row("sampler", f"{report['sampler']['name']}; ε slack {report['sampler']['epsilon_slack']:.1e}")
     else:
         table.add_row("privacy", "[red]none: non-private reference[/]")
-    if report["private"]:
-        table.add_row("train examples", f"≈ {report['num_examples_released']} (released noisy count)")
-        table.add_row("sampler", f"{report['sampler']['name']}; ε slack {report['sampler']['epsilon_slack']:.1e}")
+    _add_outcome_rows(table, job, "fit time", report["fit_seconds"])
+    console.print(table)
+
+
+def _add_privacy_rows(table, report) -> None:
+    table.add_row("epsilon", f"{report['epsilon']:.4f} (target {report['target_epsilon']:g})")
+    table.add_row("delta", f"{report['delta']:g}")
+    table.add_row("accountant", report["accountant"])
+    table.add_row("train examples", f"≈ {report['num_examples_released']} (released noisy count)")
+
+
+def _add_outcome_rows(table, job, time_label: str, seconds: float) -> None:
     if job.test_accuracy is not None:
         table.add_row("test top-1", f"{job.test_accuracy:.4f}")
-    table.add_row("fit time", f"{report['fit_seconds']:.2f} s")
-    if report["noise_seeded"]:
+    table.add_row(time_label, f"{seconds:.2f} s")
+    if job.report["noise_seeded"]:
         table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
     table.add_row("written", Text(str(job.out_dir)))
-    console.print(table)
 
 
 @app.command()
@@ -222,16 +229,8 @@ def _print_tune_summary(job) -> None:
                                             f"{report['validation']['noise_std']:.3g})")
     table.add_row("candidates", str(len(selection["candidates"])))
     table.add_row("runs", f"random, {selection['distribution']} (the number drawn is not reported)")
-    table.add_row("epsilon", f"{report['epsilon']:.4f} (target {report['target_epsilon']:g})")
-    table.add_row("delta", f"{report['delta']:g}")
-    table.add_row("accountant", report["accountant"])
-    table.add_row("train examples", f"≈ {report['num_examples_released']} (released noisy count)")
-    if job.test_accuracy is not None:
-        table.add_row("test top-1", f"{job.test_accuracy:.4f}")
-    table.add_row("time", f"{report['tune_seconds']:.2f} s")
-    if report["noise_seeded"]:
-        table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
-    table.add_row("written", Text(str(job.out_dir)))
+    _add_privacy_rows(table, report)
+    _add_outcome_rows(table, job, "time", report["tune_seconds"])
     console.print(table)
 
 

@@ -178,14 +178,14 @@ class Calibration:
     event: events.DpEvent
 
 
-def _without_sampling(event: events.DpEvent) -> events.DpEvent:
+def without_sampling(event: events.DpEvent) -> events.DpEvent:
     """`event` with every Poisson sampling step replaced by its full-data mechanism."""
     if isinstance(event, events.PoissonSampledDpEvent):
-        return _without_sampling(event.event)
+        return without_sampling(event.event)
     if isinstance(event, events.SelfComposedDpEvent):
-        return events.SelfComposedDpEvent(_without_sampling(event.event), event.count)
+        return events.SelfComposedDpEvent(without_sampling(event.event), event.count)
     if isinstance(event, events.ComposedDpEvent):
-        return events.ComposedDpEvent([_without_sampling(e) for e in event.events])
+        return events.ComposedDpEvent([without_sampling(e) for e in event.events])
     return event
 
 
@@ -197,7 +197,7 @@ def _bracket(make_event, eps_at, target: float, delta: float) -> tuple[float, fl
     exact noise scale for the event without sampling is a valid, cheaply computed upper end.
     """
     hi = 2.0
-    unsampled = lambda s: _without_sampling(make_event(s))  # noqa: E731
+    unsampled = lambda s: without_sampling(make_event(s))  # noqa: E731
     if ExactGaussianAccountant().supports(unsampled(1.0)):
         exact = lambda s: ExactGaussianAccountant().compose(unsampled(s)).get_epsilon(delta)  # noqa: E731
         hi = 1.0

@@ -61,19 +61,19 @@ def fit_feature_file(
             accuracy = result.accuracy(test) if test is not None else None
             metadata = features.metadata
         report = report_lib.privacy_report(
-            result,
-            input_file=str(path),
-            input_sha256=file_sha256(path),
-            train_split=train_split,
-            test_split=test_split if test is not None else None,
-            test_accuracy=accuracy,
-            fit_seconds=result.fit_seconds,
-            backbone=metadata.backbone,
-            dataset=metadata.dataset,
+            result, fit_seconds=result.fit_seconds,
+            **_provenance(path, metadata, train_split, test_split if test is not None else None, accuracy),
         )
         if target is not None:
             out_dir = target.write(result, report, class_names=metadata.class_names)
     return FitJobResult(result, accuracy, report, out_dir)
+
+
+def _provenance(path, metadata, train_split, test_split, test_accuracy) -> dict:
+    """The report fields that say which file, splits and backbone a head came from."""
+    return dict(input_file=str(path), input_sha256=file_sha256(path), train_split=train_split,
+                test_split=test_split, test_accuracy=test_accuracy, backbone=metadata.backbone,
+                dataset=metadata.dataset)
 
 
 @dataclasses.dataclass
@@ -118,15 +118,8 @@ def tune_feature_file(
             accuracy = result.accuracy(test) if test is not None else None
             metadata = features.metadata
         report = selection.selection_report(
-            result,
-            input_file=str(path),
-            input_sha256=file_sha256(path),
-            train_split=train_split,
-            test_split=test_split if test is not None else None,
-            test_accuracy=accuracy,
-            tune_seconds=time.perf_counter() - started,
-            backbone=metadata.backbone,
-            dataset=metadata.dataset,
+            result, tune_seconds=time.perf_counter() - started,
+            **_provenance(path, metadata, train_split, test_split if test is not None else None, accuracy),
         )
         if target is not None:
             out_dir = target.write(result, report, class_names=metadata.class_names)

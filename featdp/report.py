@@ -48,20 +48,7 @@ def event_to_json(event: events.DpEvent) -> Any:
 
 def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
     calibration = result.calibration
-    report: dict[str, Any] = {
-        "featdp_version": featdp.__version__,
-        "method": result.method.name,
-        "private": result.method.private,
-        "hyperparameters": result.method.hyperparameters(),
-        "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
-        "releases": [r.to_json_dict() for r in result.releases],
-        "noise_seeded": result.seeded,
-    }
-    if result.seeded:
-        report["seed_warning"] = (
-            "the noise was drawn from a user-given seed: anyone who knows the seed can recompute and "
-            "subtract it, so this head carries no privacy guarantee against them"
-        )
+    report = head_fields(result.method, result.releases, result.seeded)
     if calibration is not None:
         count, privacy, target = result.count, result.privacy, result.target
         report.update(
@@ -87,6 +74,25 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
                       warning="non-private reference method: no privacy guarantee")
     report.update(extra)
     return report
+
+
+def head_fields(method, releases, seeded: bool) -> dict[str, Any]:
+    """What every report (`fit`'s and `tune`'s) says first: the head's method, its releases, the seeding."""
+    fields: dict[str, Any] = {
+        "featdp_version": featdp.__version__,
+        "method": method.name,
+        "private": method.private,
+        "hyperparameters": method.hyperparameters(),
+        "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
+        "releases": [r.to_json_dict() for r in releases],
+        "noise_seeded": seeded,
+    }
+    if seeded:
+        fields["seed_warning"] = (
+            "the noise (and any random choice of the run) was drawn from a user-given seed: anyone who knows "
+            "the seed can recompute and subtract it, so this head carries no privacy guarantee against them"
+        )
+    return fields
 
 
 def _public_inputs(result: FitResult) -> dict[str, str]:

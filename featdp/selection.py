@@ -69,14 +69,15 @@ from mpmath.ctx_mp import MPContext
 from absl import logging as absl_logging
 from dp_accounting import dp_event as events
 
-import featdp
 from featdp import accounting, integer_gaussian, linalg, mechanism, report as report_lib
 from featdp.accounting import PrivacyParameterError, PrivacyTarget
 from featdp.data import ArraySource, DataError, FrozenArraySource, RowSource, TrainingData
 from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
 from featdp.methods import HyperparameterError, Method, get_method, registry
 from featdp.randomness import BitStream
-from featdp.training import COUNT_DELTA_WHEN_DEFAULT, COUNT_SHARE, SAMPLER_RESERVE, CountRelease, release_count
+from featdp.training import (
+    COUNT_DELTA_WHEN_DEFAULT, COUNT_SHARE, SAMPLER_RESERVE, CountRelease, LinearHead, release_count,
+)
 
 __all__ = ["Run", "RunsDistribution", "SelectionError", "SelectionResult", "build_candidates",
            "dominating_noise_scale", "in_validation", "parse_grid", "release_coordinates", "select",
@@ -386,17 +387,6 @@ def is_dominated(event: events.DpEvent, sigma: float) -> bool:
     return bool(np.array_equal(orders, event_orders) and np.all(rdp <= bound))
 
 
-def _without_sampling(event: events.DpEvent) -> events.DpEvent:
-    """`event` with each Poisson-sampled step replaced by its full-data mechanism."""
-    if isinstance(event, events.PoissonSampledDpEvent):
-        return _without_sampling(event.event)
-    if isinstance(event, events.SelfComposedDpEvent):
-        return events.SelfComposedDpEvent(_without_sampling(event.event), event.count)
-    if isinstance(event, events.ComposedDpEvent):
-        return events.ComposedDpEvent([_without_sampling(e) for e in event.events])
-    return event
-
-
 def dominating_noise_scale(method: Method, sigma: float, public_size: float) -> float:
     """The smallest noise scale s (to `DOMINATION_TOLERANCE`) with `method.dp_event(s, ñ)` dominated by
     Gaussian(σ) at every RDP order. Full-batch methods get s = σ (their event is one Gaussian with
@@ -406,7 +396,7 @@ def dominating_noise_scale(method: Method, sigma: float, public_size: float) -> 
         return is_dominated(method.dp_event(scale, public_size), sigma)
 
     # The event without sampling has a closed-form σ_eff ∝ s, and sampling never raises RDP: start there.
-    unsampled = _without_sampling(method.dp_event(1.0, public_size))
+    unsampled = accounting.without_sampling(method.dp_event(1.0, public_size))
     exact = accounting.ExactGaussianAccountant()
     if exact.supports(unsampled):
         hi = sigma / exact.compose(unsampled).effective_sigma
@@ -530,7 +520,7 @@ class SelectionPrivacy:
 
 
 @dataclasses.dataclass
-class SelectionResult:
+class SelectionResult(LinearHead):
     method: Method  # the chosen candidate
     weights: np.ndarray  # its head (d, K)
     best: Run
@@ -549,18 +539,6 @@ class SelectionResult:
     seeded: bool
     seconds: float
     num_examples: int  # the true n: for the caller's own use, never written to a report
-
-    def decision_function(self, features: np.ndarray) -> np.ndarray:
-        return self.method.preprocessing()(np.asarray(features, np.float32)) @ self.weights
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return np.argmax(self.decision_function(features), axis=1)
-
-    def accuracy(self, source: RowSource) -> float:
-        correct = 0
-        for x, y in source.blocks():
-            correct += int(np.sum(self.predict(x) == y))
-        return correct / max(source.num_examples, 1)
 
     @property
     def event(self) -> events.DpEvent:
@@ -717,12 +695,9 @@ def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
     privacy, count, target, best = result.privacy, result.count, result.target, result.best
     ideal_epsilon = count.epsilon + privacy.selection_epsilon
     ideal_delta = count.delta + privacy.selection_delta
-    report: dict[str, Any] = {
-        "featdp_version": featdp.__version__,
+    report = report_lib.head_fields(result.method, result.releases, result.seeded)
+    report.update({
         "job": "tune",
-        "method": result.method.name,
-        "private": True,
-        "hyperparameters": result.method.hyperparameters(),
         "noise_scale": best.noise_scale,
         "validation": {
             "noisy_correct": best.noisy_correct,
@@ -756,15 +731,7 @@ def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
                 "public_validation_size": result.public_validation_size,
             },
         },
-        "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
-        "releases": [r.to_json_dict() for r in result.releases],
-        "noise_seeded": result.seeded,
-    }
-    if result.seeded:
-        report["seed_warning"] = (
-            "the noise and the selection's draws came from a user-given seed: anyone who knows the seed can "
-            "recompute them, so this head carries no privacy guarantee against them"
-        )
+    })
     report.update(
         target_epsilon=target.epsilon,
         target_delta=target.delta,

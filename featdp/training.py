@@ -25,7 +25,7 @@ from featdp.featurefile import check_allocation
 from featdp.mechanism import Release, Releaser, ReleaserInterface, make_key, sampling_slack
 from featdp.methods import Method, get_method
 
-__all__ = ["CountRelease", "DeltaWarning", "FitResult", "PrivacySpent", "default_delta", "fit", "fit_arrays",
+__all__ = ["CountRelease", "DeltaWarning", "FitResult", "LinearHead", "PrivacySpent", "default_delta", "fit", "fit_arrays",
            "release_count"]
 
 COUNT_SHARE = 0.01  # of ε (and of δ when the user gives δ) spent on the released count ñ
@@ -63,18 +63,11 @@ class PrivacySpent:
     coordinates: int  # noisy coordinates drawn in all
 
 
-@dataclasses.dataclass
-class FitResult:
+class LinearHead:
+    """Prediction with a fitted head: argmax_c (Wᵀ preprocess(x))_c. Needs `method` and `weights` (d, K)."""
+
     method: Method
-    weights: np.ndarray  # (d, K); predict argmax_c (Wᵀ preprocess(x))_c
-    num_examples: int  # the true n: for the caller's own use, never written to a report
-    releases: list[Release]
-    calibration: accounting.Calibration | None  # the method's noise; None for non-private methods
-    seeded: bool
-    fit_seconds: float
-    count: CountRelease | None = None
-    privacy: PrivacySpent | None = None
-    target: PrivacyTarget | None = None  # with δ resolved
+    weights: np.ndarray
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
         return self.method.preprocessing()(np.asarray(features, np.float32)) @ self.weights
@@ -87,6 +80,20 @@ class FitResult:
         for x, y in source.blocks():
             correct += int(np.sum(self.predict(x) == y))
         return correct / max(source.num_examples, 1)
+
+
+@dataclasses.dataclass
+class FitResult(LinearHead):
+    method: Method
+    weights: np.ndarray  # (d, K); predict argmax_c (Wᵀ preprocess(x))_c
+    num_examples: int  # the true n: for the caller's own use, never written to a report
+    releases: list[Release]
+    calibration: accounting.Calibration | None  # the method's noise; None for non-private methods
+    seeded: bool
+    fit_seconds: float
+    count: CountRelease | None = None
+    privacy: PrivacySpent | None = None
+    target: PrivacyTarget | None = None  # with δ resolved
 
 
 def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float, delta: float) -> CountRelease:

@@ -63,4 +63,22 @@ def run_recorded(name, hp, source, noise_scale, seed=0, replay=None, public_coun
     return weights, releaser
 
 
-__all__ = ["ArraySource", "Preprocessing", "make_blobs", "run_recorded"]
+def write_feature_file(path, n=240, d=8, k=3, test=40):
+    """A small float16 feature file with a train and a test split (blobs), for the CLI and job tests."""
+    from featdp.featurefile import write_features
+
+    x, y = make_blobs(n=n, d=d, k=k)
+    return write_features(path, {"train": (x[: n - test], y[: n - test]), "test": (x[n - test :], y[n - test :])},
+                          num_classes=k, dtype="float16")
+
+
+def invoke(*args):
+    """Runs the `featdp` CLI in-process, arguments as strings."""
+    from typer.testing import CliRunner
+
+    from featdp_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+__all__ = ["ArraySource", "Preprocessing", "invoke", "make_blobs", "run_recorded", "write_feature_file"]

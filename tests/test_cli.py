@@ -9,26 +9,14 @@ import pathlib
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_blobs
+from conftest import invoke, write_feature_file
 from featdp.featurefile import write_features
-from featdp_cli.main import app
-
-runner = CliRunner()
 
 
 @pytest.fixture
 def features(tmp_path):
-    x, y = make_blobs(n=240, d=8, k=3)
-    return write_features(
-        tmp_path / "features.h5", {"train": (x[:200], y[:200]), "test": (x[200:], y[200:])}, num_classes=3,
-        dtype="float16",
-    )
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    return write_feature_file(tmp_path / "features.h5")
 
 
 def test_fit_writes_a_loadable_head_and_a_complete_report(features, tmp_path):

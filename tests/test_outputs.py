@@ -14,28 +14,15 @@ import textwrap
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_blobs
+from conftest import invoke, write_feature_file
 from featdp import report as report_lib
-from featdp.featurefile import write_features
 from featdp.report import OutputError, read_outputs
-from featdp_cli.main import app
-
-runner = CliRunner()
 
 
 @pytest.fixture
 def features(tmp_path):
-    x, y = make_blobs(n=240, d=8, k=3)
-    return write_features(
-        tmp_path / "features.h5", {"train": (x[:200], y[:200]), "test": (x[200:], y[200:])}, num_classes=3,
-        dtype="float16",
-    )
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    return write_feature_file(tmp_path / "features.h5")
 
 
 def fit(features, out, *args):

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event as events
 from dp_accounting.rdp import rdp_privacy_accountant
-from typer.testing import CliRunner
 
-from conftest import make_blobs
+from conftest import invoke, make_blobs, write_feature_file
 from featdp import accounting, selection
 from featdp.data import ArraySource, FrozenArraySource
-from featdp.featurefile import write_features
 from featdp.methods import get_method
 from featdp.randomness import RootKey
 from featdp.training import COUNT_SHARE
-from featdp_cli.main import app
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +187,7 @@ def test_grid_candidates_and_their_errors():
 
 @pytest.fixture
 def features(tmp_path):
-    x, y = make_blobs(n=480, d=8, k=3)
-    return write_features(
-        tmp_path / "features.h5", {"train": (x[:400], y[:400]), "test": (x[400:], y[400:])}, num_classes=3,
-        dtype="float16",
-    )
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    return write_feature_file(tmp_path / "features.h5", n=480, test=80)
 
 
 def test_tune_writes_the_chosen_head_and_its_report(features, tmp_path):
