@@ -207,7 +207,7 @@ def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
     assert "dp-sgd-recipe_eps2" in reports and "dp-newton_eps0.5" in reports
     report = json.loads((out / "dp-sgd-recipe_eps2" / "privacy_report.json").read_text())
     assert report["hyperparameters"]["steps"] == 293 and report["epsilon"] <= 2
-    # The recipe's batch comes from the public --limit, not from the file's (private) row count.
+    # The recipe keeps T&B's rate q = 8192/60000 at the public size (here --limit 40).
     assert report["hyperparameters"]["batch_size"] == round(40 * 8192 / 60000)
     features = out / "fashion_mnist_efficientnet-lite0_first40.h5"
 

@@ -36,7 +36,10 @@ def neighbouring_datasets(draw):
 
 
 @pytest.mark.parametrize("variant", FULL_BATCH_VARIANTS, ids=variant_id)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same 40 draws every run (the property must hold for all of them; it did
+# not before n was replaced by a replayed public count).
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(datasets=neighbouring_datasets(), normalize=st.sampled_from(["unit", "clip"]))
 def test_released_statistics_move_at_most_their_sensitivity(variant, datasets, normalize):
     name, hp = variant
