@@ -4,7 +4,7 @@
                                             [--images 8192] [--e2e-seconds 60] [--workdir /tmp/featdp_throughput]
 
 Model only: a device-resident uint8 batch through the jit-compiled, sharded forward (bf16 on GPU/TPU,
-float32 on CPU), timed over repeated calls after compilation. End to end: `featdp.extract.extract` over
+float32 on CPU), timed over repeated calls after compilation. End to end: `featdp.extraction.extract.extract` over
 a folder of 256×256 JPEGs (read, decode, crop/resize in loader processes, forward, write float16
 HDF5), as many images as the model alone would take about --e2e-seconds on (at most --images).
 ViTs run with random weights (throughput does not depend on them; no checkpoint ships offline). When
@@ -22,12 +22,12 @@ memory pools never meet):
     python benchmarks/extract_throughput.py --side-by-side timm ... --json timm.json
     python benchmarks/extract_throughput.py --table flax.json timm.json
 
-Flax: featdp's runner path (`featdp.extract.ShardedForward`, or the same steps where featdp.extract
+Flax: featdp's runner path (`featdp.extraction.extract.ShardedForward`, or the same steps where featdp.extraction.extract
 cannot be imported, e.g. without grain: weights cast as `cast_weights` does, one jit of
 `apply(variables, uint8 batch).astype(float32)`), random weights, bf16 on a GPU. timm: the same
 architecture under `torch.compile`, bf16 weights, the same uint8 NHWC batch normalised inside the
 compiled function. Each: one compiling call, one warm-up call, then --steps timed calls on a
-device-resident batch. Only featdp.backbones is imported on the Flax side (jax, flax, numpy).
+device-resident batch. Only featdp.extraction.backbones is imported on the Flax side (jax, flax, numpy).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from featdp.backbones.registry import Backbone, backbone_specs, load_backbone
+from featdp.extraction.backbones.registry import Backbone, backbone_specs, load_backbone
 
 
 def random_vit(name: str, depth: int | None = None) -> Backbone:
     """Any ViT-family backbone (vit-*, clip-*, siglip-*, dinov2-*) with random weights."""
-    from featdp.backbones import clip, dinov2, siglip, vit  # noqa: F401  (each registers its configs)
+    from featdp.extraction.backbones import clip, dinov2, siglip, vit  # noqa: F401  (each registers its configs)
 
     return vit.random_backbone(name, depth=depth)
 
@@ -57,8 +57,8 @@ def random_vit(name: str, depth: int | None = None) -> Backbone:
 def random_efficientnet(name: str) -> Backbone:
     import functools
 
-    from featdp.backbones import efficientnet_lite as enet
-    from featdp.backbones.pil_preprocessing import center_crop_resize
+    from featdp.extraction.backbones import efficientnet_lite as enet
+    from featdp.extraction.backbones.pil_preprocessing import center_crop_resize
 
     config = enet.get_config(name.removeprefix("efficientnet-"))
     size = config.resolution
@@ -87,7 +87,7 @@ def get_backbone(name: str) -> Backbone:
 
 
 def model_only(backbone: Backbone, batch: int, dtype, seconds: float = 10.0) -> tuple[float, int]:
-    from featdp.extract import ShardedForward
+    from featdp.extraction.extract import ShardedForward
 
     forward = ShardedForward(backbone, batch, dtype)
     images = np.random.default_rng(0).integers(0, 256, (forward.batch_size, backbone.image_size,
@@ -126,7 +126,7 @@ def make_jpeg_folder(root: pathlib.Path, count: int) -> pathlib.Path:
 def end_to_end(backbone: Backbone, batch: int, folder: pathlib.Path, out: pathlib.Path,
                workers: int, images: int) -> tuple[float, float]:
     """(whole run incl. starting the loader processes, steady state from the first written batch) img/s."""
-    from featdp.extract import ExtractConfig, extract
+    from featdp.extraction.extract import ExtractConfig, extract
 
     config = ExtractConfig(dataset=f"folder:{folder}", out=out, batch_size=batch, overwrite=True, workers=workers,
                            limit=images)
@@ -198,24 +198,24 @@ def _write_json(path: pathlib.Path | None, payload: dict) -> None:
 
 
 def _flax_runner(backbone: Backbone, batch: int, dtype):
-    """(forward, put, which): featdp.extract.ShardedForward where it imports, else the same steps."""
+    """(forward, put, which): featdp.extraction.extract.ShardedForward where it imports, else the same steps."""
     try:
-        from featdp.extract import ShardedForward
+        from featdp.extraction.extract import ShardedForward
     except ImportError as error:
-        def cast(leaf):  # featdp.extract.cast_weights: floating tensors of ndim ≥ 2 to the compute dtype
+        def cast(leaf):  # featdp.extraction.extract.cast_weights: floating tensors of ndim ≥ 2 to the compute dtype
             floating = jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2
             return leaf.astype(dtype) if floating else leaf
 
         variables = jax.device_put(jax.tree_util.tree_map(lambda a: cast(jnp.asarray(a)), backbone.variables))
         compiled = jax.jit(lambda v, x: backbone.apply(v, x).astype(jnp.float32))
         return (lambda images: compiled(variables, images), jax.device_put,
-                f"replica of ShardedForward (featdp.extract not importable: {error})")
+                f"replica of ShardedForward (featdp.extraction.extract not importable: {error})")
     forward = ShardedForward(backbone, batch, dtype)
-    return forward, (lambda x: jax.device_put(x, forward._batch_sharding)), "featdp.extract.ShardedForward"
+    return forward, (lambda x: jax.device_put(x, forward._batch_sharding)), "featdp.extraction.extract.ShardedForward"
 
 
 def side_by_side_flax(names: list[str], batch: int, steps: int, depth: int | None, json_path, xla_too: set[str]):
-    from featdp.backbones import vit
+    from featdp.extraction.backbones import vit
 
     dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     payload = {"framework": "flax", "device": jax.local_devices()[0].device_kind, "jax": jax.__version__,
@@ -274,7 +274,7 @@ def _import_timm():
 
 def side_by_side_timm(names: list[str], batch: int, steps: int, depth: int | None, json_path, compile_: bool):
     torch, timm = _import_timm()
-    from featdp.backbones import clip, dinov2, siglip, vit  # noqa: F401  (each registers its configs)
+    from featdp.extraction.backbones import clip, dinov2, siglip, vit  # noqa: F401  (each registers its configs)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -416,7 +416,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=8192, help="JPEGs in the folder: the most an e2e run reads")
     parser.add_argument("--e2e-seconds", type=float, default=60.0,
                         help="size each e2e run to about this long at model-only speed (at least 4 batches)")
-    parser.add_argument("--workers", type=int, default=None, help="default: featdp.extract's")
+    parser.add_argument("--workers", type=int, default=None, help="default: featdp.extraction.extract's")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/featdp_throughput"))
@@ -427,7 +427,7 @@ def main(argv=None) -> None:
     if args.side_by_side:
         side_by_side_main(args)
         return
-    from featdp.extract import ExtractConfig, compute_dtype
+    from featdp.extraction.extract import ExtractConfig, compute_dtype
 
     args.backbones = args.backbones or ",".join(backbone_specs())
     args.workers = ExtractConfig.workers if args.workers is None else args.workers

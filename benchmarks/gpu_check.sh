@@ -8,7 +8,7 @@
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh    # smoke test anywhere: depth-2 models, batch 4
 #
 # Needs python3 with jax (+ CUDA plugin), flax, numpy, torch, timm; featdp is not installed: it runs
-# with PYTHONPATH=. and imports featdp.backbones only (featdp.extract too where its imports are met).
+# with PYTHONPATH=. and imports featdp.extraction.backbones only (featdp.extraction.extract too where its imports are met).
 # Each framework runs in its own process under a timeout (Flax 200 s, timm 250 s): with compilation the
 # whole script ends inside 8 minutes; a model cut off by its timeout shows as "not measured".
 set -uo pipefail

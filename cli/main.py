@@ -41,9 +41,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _extraction_errors() -> tuple[type[Exception], ...]:
-    from featdp.backbones.registry import BackboneError
-    from featdp.datasets import DatasetError
-    from featdp.extract import ExtractError
+    from featdp.extraction.backbones.registry import BackboneError
+    from featdp.extraction.datasets import DatasetError
+    from featdp.extraction.extract import ExtractError
     from featdp.featurefile import FeatureFileError
 
     # Checkpoint readers raise their own ValueError subclasses and FileNotFoundError for missing files;
@@ -362,7 +362,7 @@ def demo(
     """The main job, offline: Fashion-MNIST → frozen backbone → every method at a few ε → one table."""
     import time
 
-    from featdp.extract import ExtractConfig, extract as run_extract
+    from featdp.extraction.extract import ExtractConfig, extract as run_extract
     from featdp.jobs import fit_feature_file
     from featdp.methods import method_names
     from featdp.methods.dp_sgd import tramer_boneh_recipe
@@ -497,7 +497,7 @@ def extract(
     ),
 ):
     """Extract features of a frozen backbone into a feature file (resumable: re-run the same command)."""
-    from featdp.extract import ExtractConfig, extract as run_extract
+    from featdp.extraction.extract import ExtractConfig, extract as run_extract
 
     if workers is not None and workers < 0:
         # extract.py starts loader processes only for workers > 1: 0 and 1 both load in this process.
@@ -549,7 +549,7 @@ class _progress_reporter:  # noqa: N801 - used as a context manager
 @app.command()
 def backbones():
     """List the registered backbones: feature dimension, input size, checkpoint source."""
-    from featdp.backbones.registry import backbone_specs
+    from featdp.extraction.backbones.registry import backbone_specs
 
     table = Table("backbone", "feature dim", "input", "checkpoint source")
     for name, spec in backbone_specs().items():

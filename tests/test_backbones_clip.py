@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from test_backbones_vit import PARITY_RTOL, _import_timm, _random_timm_vit, _state_dict, rel_err
 
-from featdp.backbones import clip, vit
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone
-from featdp.backbones.vit_checkpoints import (
+from featdp.extraction.backbones import clip, vit
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone
+from featdp.extraction.backbones.vit_checkpoints import (
     CheckpointFile,
     ViTCheckpointError,
     convert_checkpoint,
@@ -189,6 +189,6 @@ def test_clip_prepare_is_a_center_crop():
     image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     out = backbone.prepare(image)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    from featdp.backbones.pil_preprocessing import center_crop_resize
+    from featdp.extraction.backbones.pil_preprocessing import center_crop_resize
 
     np.testing.assert_array_equal(out, center_crop_resize(image, 224, 1.0))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_backbones_vit import PARITY_RTOL, _import_timm, _random_timm_vit, _state_dict, rel_err
 
-from featdp.backbones import dinov2, vit
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone
-from featdp.backbones.vit_checkpoints import (
+from featdp.extraction.backbones import dinov2, vit
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone
+from featdp.extraction.backbones.vit_checkpoints import (
     ViTCheckpointError,
     convert_checkpoint,
     cubic_resize_matrix,

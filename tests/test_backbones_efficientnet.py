@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from featdp.backbones import efficientnet_lite_weights as weights
-from featdp.backbones.efficientnet_lite import FEATURE_DIM, get_config, preprocess
-from featdp.backbones.efficientnet_lite_weights import (
+from featdp.extraction.backbones import efficientnet_lite_weights as weights
+from featdp.extraction.backbones.efficientnet_lite import FEATURE_DIM, get_config, preprocess
+from featdp.extraction.backbones.efficientnet_lite_weights import (
     CheckpointMismatchError,
     checkpoint_path,
     load_efficientnet_lite,
     torch_to_flax_variables,
 )
-from featdp.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
+from featdp.extraction.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
 
 # ImageNet-1k class indices (sorted-WordNet-id order used by every ImageNet classifier).
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -107,8 +107,8 @@ def test_lite0_imagenet_predictions(lite0):
 def test_lite0_in_bfloat16_keeps_the_float32_classes_and_features(photos, lite0):
     """`featdp extract` computes in bfloat16 on GPU/TPU, casting the variables as below; the real weights
     must then give the float32 model's classes and nearly its features (XLA's CPU bfloat16 path here)."""
-    from featdp.backbones.efficientnet_lite import compute_dtype
-    from featdp.extract import cast_weights
+    from featdp.extraction.backbones.efficientnet_lite import compute_dtype
+    from featdp.extraction.extract import cast_weights
 
     model, variables = load_efficientnet_lite("lite0")
     half = cast_weights(variables, jnp.bfloat16)
@@ -366,7 +366,7 @@ def test_reader_rejects_non_checkpoints(tmp_path):
     (1, 1, False, 9), (3, 2, False, 9), (3, 2, False, 8), (3, 1, True, 7), (5, 2, True, 11), (3, 2, True, 10),
 ])
 def test_cpu_friendly_conv_equals_native_conv(kernel, stride, depthwise, size):
-    from featdp.backbones.efficientnet_lite import same_conv
+    from featdp.extraction.backbones.efficientnet_lite import same_conv
 
     rng = np.random.default_rng(kernel * 100 + stride * 10 + size)
     channels, out = 6, (6 if depthwise else 5)

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("kymatio")
 from kymatio.numpy import Scattering2D as NumpyScattering2D  # noqa: E402
 
-from featdp.backbones import scatternet  # noqa: E402
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone  # noqa: E402
+from featdp.extraction.backbones import scatternet  # noqa: E402
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone  # noqa: E402
 
 VARIANTS = ["scatternet", "scatternet-rgb32"]
 PARITY_RTOL = 1e-4

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_backbones_vit import PARITY_RTOL, _import_timm, _npz_from_timm, _random_timm_vit, _state_dict, rel_err
 
-from featdp.backbones import siglip, vit
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone
-from featdp.backbones.vit_checkpoints import ViTCheckpointError, convert_checkpoint, expected_checkpoint_shapes
+from featdp.extraction.backbones import siglip, vit
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone
+from featdp.extraction.backbones.vit_checkpoints import ViTCheckpointError, convert_checkpoint, expected_checkpoint_shapes
 
 B16_DEPTH2 = dataclasses.replace(siglip.CONFIGS["siglip-vit-b16"], depth=2)
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from featdp.backbones import vit, vit_checkpoints
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone
-from featdp.backbones.vit_checkpoints import (
+from featdp.extraction.backbones import vit, vit_checkpoints
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone
+from featdp.extraction.backbones.vit_checkpoints import (
     ViTCheckpointError,
     convert_checkpoint,
     expected_checkpoint_shapes,
@@ -457,7 +457,7 @@ def _reference_attention_block(params: dict, x: np.ndarray, heads: int) -> np.nd
 
 
 def test_fused_qkv_attention_matches_separate_projections():
-    from featdp.backbones.vit import _Attention
+    from featdp.extraction.backbones.vit import _Attention
 
     x = np.random.default_rng(0).normal(size=(2, 17, 64)).astype(np.float32)
     module = _Attention(num_heads=4, dtype=jnp.float32)

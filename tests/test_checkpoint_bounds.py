@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 import pytest
 
-from featdp.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
+from featdp.extraction.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
 
 _KINDS = {"FloatStorage": np.float32, "LongStorage": np.int64}
 
@@ -245,7 +245,7 @@ def test_deflate_bomb_is_refused_without_decompressing(tmp_path, fake_torch):
     # In a fresh process, so that its peak RSS measures this load alone.
     script = textwrap.dedent(f"""
         import json, resource, sys
-        from featdp.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
+        from featdp.extraction.backbones.torch_checkpoint import UnsupportedCheckpointError, load_torch_state_dict
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             load_torch_state_dict({str(path)!r})
@@ -304,7 +304,7 @@ def test_directory_is_a_clear_error(tmp_path):
 
 
 def test_efficientnet_lite0_weights_load_bit_identically():
-    weights = pytest.importorskip("featdp.backbones.efficientnet_lite_weights")
+    weights = pytest.importorskip("featdp.extraction.backbones.efficientnet_lite_weights")
     torch = pytest.importorskip("torch")
     try:
         path = weights.checkpoint_path("lite0")

@@ -175,7 +175,7 @@ def _fashion_mnist_idx(directory, n_train=48, n_test=24, seed=0):
     """IDX files shaped like Fashion-MNIST's: class c is a bright band at rows 2c..2c+5 plus noise."""
     import gzip
 
-    from featdp.datasets import idx
+    from featdp.extraction.datasets import idx
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""featdp.datasets: spec parsing, the three sources, and the random-access contract a resumable loader
+"""featdp.extraction.datasets: spec parsing, the three sources, and the random-access contract a resumable loader
 relies on (example i is the same whatever the order, thread or process it is read from)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featdp.datasets import DatasetError, open_dataset
-from featdp.datasets import fashion_mnist, idx
+from featdp.extraction.datasets import DatasetError, open_dataset
+from featdp.extraction.datasets import fashion_mnist, idx
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from featdp.backbones.registry import load_backbone
-from featdp.datasets import open_dataset
-from featdp.extract import ExtractConfig, extract
+from featdp.extraction.backbones.registry import load_backbone
+from featdp.extraction.datasets import open_dataset
+from featdp.extraction.extract import ExtractConfig, extract
 from featdp.featurefile import FeatureFile
 from featdp_cli.main import app
 
@@ -75,7 +75,7 @@ def test_data_parallel_over_eight_cpu_devices_matches_one_device(folder, tmp_pat
                                    batch_size=16, store_dtype="float32", workers=1))
     script = (
         "import jax, pathlib, sys; assert jax.local_device_count() == 8, jax.local_devices();"
-        "from featdp.extract import ExtractConfig, extract;"
+        "from featdp.extraction.extract import ExtractConfig, extract;"
         f"extract(ExtractConfig(backbone='{BACKBONE}', dataset='folder:{folder}', out=pathlib.Path(sys.argv[1]),"
         "batch_size=12, store_dtype='float32', workers=1))"
     )
@@ -152,7 +152,7 @@ def test_batches_freed_only_at_exit_leave_no_shared_memory_behind(folder, tmp_pa
     # Keeping every batch alive until interpreter exit is the worst case of a late free (grain's own deleter
     # then never runs: 31 segments were reported leaked before batches were unlinked on arrival).
     script = (
-        "import pathlib, sys; import featdp.extract as ex; kept = []; pad = ex._pad\n"
+        "import pathlib, sys; import featdp.extraction.extract as ex; kept = []; pad = ex._pad\n"
         "ex._pad = lambda images, size: kept.append(images) or pad(images, size)\n"
         "if __name__ == '__main__':\n"
         f"    ex.extract(ex.ExtractConfig(backbone='{BACKBONE}', dataset='folder:{folder}',"
@@ -200,7 +200,7 @@ def test_bad_extract_arguments_fail_with_a_message(folder, tmp_path, args, fragm
 def test_a_pinned_checkpoint_sha256_is_checked_before_extraction(tmp_path):
     import hashlib
 
-    from featdp.backbones import efficientnet_lite_weights
+    from featdp.extraction.backbones import efficientnet_lite_weights
 
     weights = efficientnet_lite_weights.checkpoint_path("lite0")
     digest = hashlib.sha256(pathlib.Path(weights).read_bytes()).hexdigest()

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from featdp.backbones import dinov2, hf_hub, vit
-from featdp.backbones.registry import BackboneError, backbone_specs, load_backbone
-from featdp.backbones.vit_checkpoints import ViTCheckpointError, expected_checkpoint_shapes
+from featdp.extraction.backbones import dinov2, hf_hub, vit
+from featdp.extraction.backbones.registry import BackboneError, backbone_specs, load_backbone
+from featdp.extraction.backbones.vit_checkpoints import ViTCheckpointError, expected_checkpoint_shapes
 
 pytest.importorskip("huggingface_hub")
 save_file = pytest.importorskip("safetensors.numpy").save_file
@@ -116,7 +116,7 @@ def test_missing_repo_revision_or_file_is_a_clear_error(hub):
 def test_open_clip_files_come_first_and_metadata_comes_along(hub):
     """A CLIP repository: OpenCLIP's file is taken over a (transformers-layout) model.safetensors, and
     open_clip_config.json, cached beside it, decides the activation."""
-    from featdp.backbones import clip
+    from featdp.extraction.backbones import clip
 
     config = dataclasses.replace(clip.CONFIGS["clip-vit-b16"], width=64, depth=1, num_heads=4, mlp_dim=128,
                                  image_size=32)

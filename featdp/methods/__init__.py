@@ -1,4 +1,5 @@
-"""All methods, found by importing every module of this package: a new method is one new file."""
+"""All methods, found by importing every module of this package: a new method is one new file. Modules whose
+names start with `_` are helpers shared by methods (`_gradients`), not methods."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pkgutil
 from featdp.methods.base import HyperparameterError, Method, register, registry
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 from dp_accounting import dp_event as events
 
-from featdp import gradients, linalg, stats
+from featdp import linalg, stats
+from featdp.methods import _gradients as gradients
 from featdp.methods.base import Method, positive, register
 
 

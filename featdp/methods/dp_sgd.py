@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from dp_accounting import dp_event as events
 
-from featdp import gradients
+from featdp.methods import _gradients as gradients
 from featdp.methods.base import Method, positive, register
 
 OPTIMIZERS = ("sgd", "adam")

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from featdp.backbones.registry import Backbone, load_backbone
+from featdp.extraction.backbones.registry import Backbone, load_backbone
 from featdp.checksums import ChecksumMismatchError, normalized_sha256, verify_sha256
-from featdp.datasets import open_dataset
+from featdp.extraction.datasets import open_dataset
 from featdp.featurefile import AllocationError, FeatureFileLock, FeatureWriter, check_allocation
-from featdp.loading import LoadBatch
+from featdp.extraction.loading import LoadBatch
 
 DTYPES = ("auto", "float32", "bfloat16")
 

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from featdp.backbones.registry import BackboneError
+from featdp.extraction.backbones.registry import BackboneError
 
 __all__ = ["DEFAULT_FILES", "HF_PREFIX", "HubFile", "HubSpec", "download", "hub_cache_dir", "is_hub_spec",
            "parse_hub_spec"]

@@ -50,8 +50,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from featdp.backbones.pil_preprocessing import center_crop_resize
-from featdp.backbones.registry import Backbone, BackboneError, BackboneSpec, register_backbone
+from featdp.extraction.backbones.pil_preprocessing import center_crop_resize
+from featdp.extraction.backbones.registry import Backbone, BackboneError, BackboneSpec, register_backbone
 
 __all__ = [
     "IMAGENET_MEAN",

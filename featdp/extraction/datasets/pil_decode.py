@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from featdp.datasets.base import DatasetError
+from featdp.extraction.datasets.base import DatasetError
 
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _GRAY = {"1": "L", "L": "L", "LA": "L", "La": "L"}

@@ -19,8 +19,8 @@ import pathlib
 
 import numpy as np
 
-from featdp.datasets.base import DatasetError, SourceBase, SplitInfo
-from featdp.datasets.pil_decode import EXTENSIONS, decode_file, is_image_file
+from featdp.extraction.datasets.base import DatasetError, SourceBase, SplitInfo
+from featdp.extraction.datasets.pil_decode import EXTENSIONS, decode_file, is_image_file
 
 LAYOUT = "expected PATH/<split>/<class>/<image files>"
 

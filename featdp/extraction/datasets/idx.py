@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from featdp.datasets.base import DatasetError
+from featdp.extraction.datasets.base import DatasetError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from featdp.backbones.vit import ViTConfig, register_vit
+from featdp.extraction.backbones.vit import ViTConfig, register_vit
 
 __all__ = ["CONFIGS", "IMAGENET_MEAN", "IMAGENET_STD"]
 

@@ -1,9 +1,9 @@
-"""ViT checkpoints -> `featdp.backbones.vit.ViT` variables, without torch or TensorFlow.
+"""ViT checkpoints -> `featdp.extraction.backbones.vit.ViT` variables, without torch or TensorFlow.
 
 Layouts read (by key names, whatever the file's extension):
 
 * timm (`.safetensors` through the safetensors package's numpy API; `.pth`/`.bin` through the torch-free
-  reader of featdp.backbones.torch_checkpoint): `patch_embed.proj.weight` (D, 3, p, p) [+ `.bias`],
+  reader of featdp.extraction.backbones.torch_checkpoint): `patch_embed.proj.weight` (D, 3, p, p) [+ `.bias`],
   `cls_token`, [`reg_token` (1, R, D)], `pos_embed` (1, [1 +] g², D), [`norm_pre`],
   `blocks.N.{norm1,norm2}.{weight,bias}`, `blocks.N.attn.qkv.weight` (3D, D) with q, k, v stacked in
   that order, `blocks.N.attn.proj`, [`blocks.N.ls1.gamma`, `.ls2.gamma`], `blocks.N.mlp.{fc1,fc2}`
@@ -39,7 +39,7 @@ that differs from the requested resolution is resampled (`ViTConfig.pos_resize`:
 `interpolate(mode="bilinear", align_corners=False)` without antialiasing, what timm uses for the `.npz`
 files; bicubic, torch's bicubic; or bicubic with DINOv2's scale factor).
 
-A checkpoint is a local path or `hf-hub:ORG/NAME[@REVISION][:FILE]` (featdp.backbones.hf_hub).
+A checkpoint is a local path or `hf-hub:ORG/NAME[@REVISION][:FILE]` (featdp.extraction.backbones.hf_hub).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ import numpy as np
 
 from featdp.checksums import file_sha256
 
-from featdp.backbones import hf_hub
-from featdp.backbones.registry import BackboneError
-from featdp.backbones.vit import ALL_CONFIGS, CONFIGS, POOLS, ViTConfig, checkpoint_sources
+from featdp.extraction.backbones import hf_hub
+from featdp.extraction.backbones.registry import BackboneError
+from featdp.extraction.backbones.vit import ALL_CONFIGS, CONFIGS, POOLS, ViTConfig, checkpoint_sources
 
 __all__ = [
     "CheckpointFile",
@@ -135,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if path.suffix == ".npz" or _is_npz(path):
             with np.load(path, allow_pickle=False) as npz:
                 return {key: npz[key] for key in npz.files}
-        from featdp.backbones.torch_checkpoint import load_torch_state_dict
+        from featdp.extraction.backbones.torch_checkpoint import load_torch_state_dict
 
         return load_torch_state_dict(path)
     except ImportError as err:
@@ -716,7 +716,7 @@ def _check_against_model(variables: dict[str, Any], config: ViTConfig) -> None:
     import jax
     import jax.numpy as jnp
 
-    from featdp.backbones.vit import ViT
+    from featdp.extraction.backbones.vit import ViT
 
     x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda images: ViT(config).init(jax.random.key(0), images), x)

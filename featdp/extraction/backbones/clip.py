@@ -40,7 +40,7 @@ import functools
 import json
 import warnings
 
-from featdp.backbones.vit import ViTConfig, make_backbone, register_vit
+from featdp.extraction.backbones.vit import ViTConfig, make_backbone, register_vit
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CONFIGS", "clip_activation"]
 
@@ -97,7 +97,7 @@ def clip_activation(file) -> tuple[str, str]:
 
 
 def _error(message: str):
-    from featdp.backbones.vit_checkpoints import ViTCheckpointError
+    from featdp.extraction.backbones.vit_checkpoints import ViTCheckpointError
 
     return ViTCheckpointError(message)
 

@@ -26,7 +26,7 @@ Checkpoints: big_vision `.npz` (`params/img/...`, plain or scanned), timm `model
 
 from __future__ import annotations
 
-from featdp.backbones.vit import ViTConfig, register_vit
+from featdp.extraction.backbones.vit import ViTConfig, register_vit
 
 __all__ = ["CONFIGS"]
 

@@ -59,7 +59,7 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 def _discover() -> None:
     global _DISCOVERED
     if not _DISCOVERED:
-        import featdp.backbones as package
+        import featdp.extraction.backbones as package
 
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{module.name}")

@@ -7,7 +7,7 @@ Sources: `tfds:NAME[:VERSION]` (prepared TFDS datasets, read without TensorFlow)
 (PATH/<split>/<class>/<images>), `fashion_mnist` (Debian's IDX files).
 """
 
-from featdp.datasets.base import DatasetError, ImageDataset, SplitInfo
-from featdp.datasets.registry import open_dataset, spec_forms
+from featdp.extraction.datasets.base import DatasetError, ImageDataset, SplitInfo
+from featdp.extraction.datasets.registry import open_dataset, spec_forms
 
 __all__ = ["DatasetError", "ImageDataset", "SplitInfo", "open_dataset", "spec_forms"]

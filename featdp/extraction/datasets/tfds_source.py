@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from featdp.datasets.base import DatasetError, SourceBase, SplitInfo, squeeze_gray
+from featdp.extraction.datasets.base import DatasetError, SourceBase, SplitInfo, squeeze_gray
 
 
 def _tfds():

@@ -1,7 +1,7 @@
 """Vision Transformer (Dosovitskiy et al., 2021) as a Flax linen backbone for pretrained checkpoints.
 
 One module covers the supervised ViTs registered here and the image towers of the other ViT families
-(CLIP, SigLIP, DINOv2: featdp.backbones.clip, .siglip, .dinov2), which differ only in the switches of
+(CLIP, SigLIP, DINOv2: featdp.extraction.backbones.clip, .siglip, .dinov2), which differ only in the switches of
 `ViTConfig`:
 
     uint8 (N, R, R, 3) --> (pixels/255 − mean)/std --> p×p patches, linear (a stride-p conv)
@@ -34,7 +34,7 @@ Transformers" (big_vision's variants "g" and "G"; timm's `vit_giant_patch14_224`
 that shape in a layout the loader reads.
 
 Choices (supervised `vit-*`; the other families state theirs in their modules):
-* Weights only from `--checkpoint`: nothing ships offline. Formats (featdp.backbones.vit_checkpoints):
+* Weights only from `--checkpoint`: nothing ships offline. Formats (featdp.extraction.backbones.vit_checkpoints):
   google-research/vision_transformer and big_vision `.npz`, timm `.safetensors` or torch state dicts,
   OpenAI/OpenCLIP CLIP state dicts, the original DINOv2 `.pth`; a path or `hf-hub:ORG/NAME[@REVISION]`.
 * Resolution: by default the checkpoint's own, from the length of its position embedding (224 for the
@@ -70,8 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from featdp.backbones.pil_preprocessing import center_crop_resize, resize_squash
-from featdp.backbones.registry import Backbone, BackboneError, BackboneSpec, register_backbone
+from featdp.extraction.backbones.pil_preprocessing import center_crop_resize, resize_squash
+from featdp.extraction.backbones.registry import Backbone, BackboneError, BackboneSpec, register_backbone
 
 __all__ = [
     "ACTIVATIONS",
@@ -503,7 +503,7 @@ def make_backbone(config: ViTConfig | str, checkpoint: str | None, image_size: i
     without a class token). `activation`: a name, or a function of the resolved checkpoint file that
     returns (name, reason) (CLIP decides QuickGELU from the files beside the weights).
     """
-    from featdp.backbones import vit_checkpoints
+    from featdp.extraction.backbones import vit_checkpoints
 
     config = get_config(config) if isinstance(config, str) else config
     file = vit_checkpoints.resolve_checkpoint_file(checkpoint, config)

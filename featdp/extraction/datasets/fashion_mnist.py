@@ -13,8 +13,8 @@ import pathlib
 import numpy as np
 
 from featdp.checksums import file_sha256
-from featdp.datasets import idx
-from featdp.datasets.base import DatasetError, SourceBase, SplitInfo
+from featdp.extraction.datasets import idx
+from featdp.extraction.datasets.base import DatasetError, SourceBase, SplitInfo
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "FEATDP_FASHION_MNIST_DIR"

@@ -16,13 +16,13 @@ import numpy as np
 
 from featdp.checksums import file_sha256
 
-from featdp.backbones.efficientnet_lite import (
+from featdp.extraction.backbones.efficientnet_lite import (
     EfficientNetLite,
     EfficientNetLiteConfig,
     block_specs,
     get_config,
 )
-from featdp.backbones.torch_checkpoint import load_torch_state_dict
+from featdp.extraction.backbones.torch_checkpoint import load_torch_state_dict
 
 __all__ = [
     "CheckpointMismatchError",

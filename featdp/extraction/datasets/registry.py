@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from featdp.datasets.base import DatasetError, ImageDataset
-from featdp.datasets.fashion_mnist import open_fashion_mnist
-from featdp.datasets.folder_source import open_folder
-from featdp.datasets.tfds_source import open_tfds
+from featdp.extraction.datasets.base import DatasetError, ImageDataset
+from featdp.extraction.datasets.fashion_mnist import open_fashion_mnist
+from featdp.extraction.datasets.folder_source import open_folder
+from featdp.extraction.datasets.tfds_source import open_tfds
 
 # scheme -> opener(spec, argument, data_dir)
 SCHEMES: dict[str, Callable[[str, str, str | None], ImageDataset]] = {

