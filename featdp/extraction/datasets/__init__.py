@@ -4,7 +4,8 @@
     image, label = dataset.example("train", 123)  # same result in any worker, in any order
 
 Sources: `tfds:NAME[:VERSION]` (prepared TFDS datasets, read without TensorFlow), `folder:PATH`
-(PATH/<split>/<class>/<images>), `fashion_mnist` (Debian's IDX files).
+(PATH/<split>/<class>/<images>), `hf:PATH_OR_NAME[@REVISION][:CONFIG]` (Hugging Face `datasets`: a saved
+directory, a local folder or a Hub dataset), `fashion_mnist` (Debian's IDX files).
 """
 
 from featdp.extraction.datasets.base import DatasetError, ImageDataset, SplitInfo

@@ -6,7 +6,7 @@ import pathlib
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from featdp.extraction.datasets.base import DatasetError
 
@@ -39,15 +39,26 @@ def _to_array(image: Image.Image) -> np.ndarray:
 def decode_file(path: str | pathlib.Path) -> np.ndarray:
     """Decodes the first frame of `path`, pixels as stored (no EXIF rotation, like TF's and torchvision's
     decoders). Any failure, a truncated file included, raises `DatasetError` naming the file."""
+    return decode(path, str(path))
+
+
+def decode(source, name: str, *, upright: bool = False, mode: str | None = None) -> np.ndarray:
+    """Decodes the first frame of `source` (a path or a binary file object) as `decode_file` does; `name`
+    says which image it is in errors. `upright` applies the EXIF orientation and `mode` converts to that
+    Pillow mode first, as Hugging Face `datasets` does for its Image feature."""
     try:
         with warnings.catch_warnings():
             # A very large image is a warning in Pillow; here it is one more image (bombs still raise).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()  # decode now: a truncated file fails here, inside the try
+                if upright and image.getexif().get(ExifTags.Base.Orientation) is not None:
+                    image = ImageOps.exif_transpose(image)
+                if mode and image.mode != mode:
+                    image = image.convert(mode)
                 array = _to_array(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"cannot decode image {path}: {e}") from e
+        raise DatasetError(f"cannot decode image {name}: {e}") from e
     if array.ndim < 2 or min(array.shape[:2]) < 1:
-        raise DatasetError(f"cannot decode image {path}: empty image of shape {array.shape}")
+        raise DatasetError(f"cannot decode image {name}: empty image of shape {array.shape}")
     return np.ascontiguousarray(array, dtype=np.uint8)
