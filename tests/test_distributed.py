@@ -1,0 +1,419 @@
+"""Many processes (featdp.distributed): sharded extraction and its manifest (featdp.featurefile_parts), the
+distributed fit, and the bad inputs of a process group.
+
+The multi-process tests start 2–3 Python processes on localhost, joined through a free port (gloo CPU
+collectives); each keeps its data tiny, so the whole file runs in about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from featdp import distributed
+from featdp import featurefile_parts as parts
+from featdp.featurefile import FeatureFile, FeatureFileError, write_features
+
+from test_extract import BACKBONE, make_folder
+
+CLI = [sys.executable, "-c", "from featdp_cli.main import app; app()"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "FEATDP_PROGRESS_SECONDS": "0"}
+TIMEOUT = 240  # seconds for one multi-process run: far above what they take, far below a hang
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def group_flags(port: int, count: int, index: int) -> list[str]:
+    return ["--coordinator", f"localhost:{port}", "--num-processes", str(count), "--process-id", str(index),
+            "--coordinator-timeout", "60"]
+
+
+def run_all(commands: list[list[str]], timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """Runs the commands at once (one per process) and waits for all."""
+    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+               for c in commands]
+    done = []
+    for process in started:
+        out, err = process.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, _quiet(err)))
+    return done
+
+
+def _quiet(stderr: str) -> str:
+    """stderr without gloo's and XLA's own log lines."""
+    return "\n".join(line for line in stderr.splitlines()
+                     if not line.startswith(("[Gloo]", "W1", "I1", "E1", "W0", "I0")))
+
+
+def blobs(n, d=16, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, d))
+    y = rng.integers(0, k, size=n)
+    return (means[y] + 0.7 * rng.normal(size=(n, d))).astype(np.float32), y
+
+
+# --- row ownership ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("align", [1, 7, 64])
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_row_ranges_cover_every_row_exactly_once(count, align):
+    for n in [0, 1, 5, 63, 64, 65, 1000, 1001]:
+        ranges = [distributed.row_range(n, i, count, align) for i in range(count)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(start % align == 0 or start == n for start, _ in ranges)
+        sizes = [stop - start for start, stop in ranges]
+        assert max(sizes) - min(sizes) <= align
+
+
+# --- the sharded layout, read in one process ------------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """The same splits as a whole file and as 3 parts with 7-row digest chunks (many chunk edges)."""
+    x, y = blobs(103)
+    xt, yt = blobs(20, seed=1)
+    splits = {"train": (x, y), "test": (xt, yt)}
+    whole = write_features(tmp_path / "whole.h5", splits, num_classes=4)
+    manifest = parts.write_parts(tmp_path / "sharded.h5", splits, 3, num_classes=4, chunk_rows=7)
+    return whole, manifest
+
+
+def test_a_sharded_file_reads_like_the_whole_file(sharded):
+    whole, manifest = sharded
+    with FeatureFile(whole) as a, FeatureFile(manifest) as b:
+        assert b.sharded and not a.sharded and sorted(b.split_names) == sorted(a.split_names)
+        for name in a.split_names:
+            one, many = a.split(name), b.split(name)
+            np.testing.assert_array_equal(one.read()[0], many.read()[0])
+            np.testing.assert_array_equal(one.read()[1], many.read()[1])
+            np.testing.assert_array_equal(one.read_index(), many.read_index())
+            for block_rows in (5, 64):
+                for (xa, ya), (xb, yb) in zip(one.blocks(block_rows), many.blocks(block_rows), strict=True):
+                    np.testing.assert_array_equal(xa, xb)
+                    np.testing.assert_array_equal(ya, yb)
+        # A row range crossing part and chunk edges, as one process of a fit reads it.
+        rows = b.split("train").rows(30, 80)
+        got = np.concatenate([x for x, _ in rows.blocks(9)])
+        np.testing.assert_array_equal(got, a.split("train").read()[0][30:80])
+    parts.verify_parts(manifest)
+
+
+def _replace_part(manifest, index, source):
+    shutil.copyfile(source, parts.part_path(manifest, index, 3))
+
+
+def test_a_missing_truncated_or_foreign_part_is_refused_at_open_naming_it(sharded, tmp_path):
+    whole, manifest = sharded
+    part = parts.part_path(manifest, 1, 3)
+    backup = tmp_path / "backup.h5"
+    shutil.copyfile(part, backup)
+
+    part.unlink()
+    with pytest.raises(FeatureFileError, match="part part-00001-of-00003.h5 is missing"):
+        FeatureFile(manifest)
+
+    other = parts.write_parts(tmp_path / "other.h5", {"train": blobs(103), "test": blobs(20, seed=1)}, 3,
+                              num_classes=4, chunk_rows=7)
+    _replace_part(manifest, 1, parts.part_path(other, 1, 3))
+    with pytest.raises(FeatureFileError, match="part part-00001-of-00003.h5 is from another run"):
+        FeatureFile(manifest)
+
+    _replace_part(manifest, 1, backup)
+    with open(part, "ab") as f:
+        f.write(b"\0" * 10)
+    with pytest.raises(FeatureFileError, match="part part-00001-of-00003.h5 has .* bytes, the manifest records"):
+        FeatureFile(manifest)
+
+
+def test_an_altered_part_is_refused_before_any_of_its_rows_is_used(sharded):
+    _, manifest = sharded
+    with h5py.File(parts.part_path(manifest, 2, 3), "r+") as h5:  # same size, one value changed
+        h5["train/features"][10, 3] += 1.0
+    with FeatureFile(manifest) as features:  # sizes and metadata still agree: the content is checked lazily
+        train = features.split("train")
+        list(train.rows(0, 60).blocks(16))  # rows of parts 0 and 1 only
+        with pytest.raises(FeatureFileError, match=r"part part-00002-of-00003.h5, split 'train', rows \[7, 14\)"):
+            list(train.blocks(16))
+    with pytest.raises(FeatureFileError, match="part-00002-of-00003.h5 has SHA-256"):
+        parts.verify_parts(manifest)
+
+
+def test_a_manifest_cannot_name_a_file_outside_its_parts_folder(sharded, tmp_path):
+    whole, manifest = sharded
+    with h5py.File(manifest, "r+") as h5:
+        text = json.loads(h5["manifest"][()])
+        text["parts"][0]["file"] = "../whole.h5"
+        del h5["manifest"]
+        h5.create_dataset("manifest", data=json.dumps(text), dtype=h5py.string_dtype("utf-8"))
+    with pytest.raises(FeatureFileError, match=r"manifest part 0 is '../whole.h5', expected 'part-00000-of-00003.h5'"):
+        FeatureFile(manifest)
+
+
+def test_one_process_does_not_extract_onto_a_sharded_file(sharded):
+    from featdp.featurefile import FeatureWriter
+
+    _, manifest = sharded
+    with pytest.raises(FeatureFileError, match="is a sharded feature file"):
+        FeatureWriter(manifest, feature_dim=16, num_classes=4)
+
+
+# --- many processes: extraction --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("images") / "data", per_class=(9, 4))
+
+
+def _extract(images, out, *more):
+    return [*CLI, "extract", "--backbone", BACKBONE, "--dataset", f"folder:{images}", "--out", str(out),
+            "--batch-size", "4", "--workers", "1", *more]
+
+
+def _read_all(path):
+    with FeatureFile(path) as features:
+        return {name: (*features.split(name).read(), features.split(name).read_index())
+                for name in features.split_names}
+
+
+def test_a_3_process_extraction_has_the_content_of_a_1_process_one(images, tmp_path):
+    port = free_port()
+    results = run_all([_extract(images, tmp_path / "many.h5", *group_flags(port, 3, i)) for i in range(3)])
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+    single = subprocess.run(_extract(images, tmp_path / "one.h5"), capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr
+    one, many = _read_all(tmp_path / "one.h5"), _read_all(tmp_path / "many.h5")
+    assert one.keys() == many.keys()
+    for name in one:
+        for a, b in zip(one[name], many[name]):
+            np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in parts.parts_dir(tmp_path / "many.h5").iterdir() if p.suffix == ".h5") == [
+        parts.part_name(i, 3) for i in range(3)]
+    # A re-run finds every part complete and rewrites the same manifest's parts: nothing to do.
+    port = free_port()
+    again = run_all([_extract(images, tmp_path / "many.h5", *group_flags(port, 3, i)) for i in range(3)])
+    assert [r.returncode for r in again] == [0, 0, 0], [r.stderr for r in again]
+    for name, arrays in _read_all(tmp_path / "many.h5").items():
+        for a, b in zip(one[name], arrays):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_killed_process_stops_the_others_with_a_message_and_the_extraction_resumes(tmp_path):
+    images = make_folder(tmp_path / "data", per_class=(150, 2))
+    out = tmp_path / "many.h5"
+    port = free_port()
+    commands = [_extract(images, out, "--batch-size", "2", *group_flags(port, 2, i)) for i in range(2)]
+    survivor = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    victim = subprocess.Popen(commands[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    total = None
+    for line in victim.stdout:  # "[0:01] train 40/225 (…)": kill it in the middle of its train rows
+        words = line.split()
+        if len(words) >= 3 and words[1] == "train" and "/" in words[2]:
+            done, total = map(int, words[2].split("/"))
+            if 0 < done < total:
+                victim.send_signal(signal.SIGKILL)
+                break
+    victim.wait(timeout=TIMEOUT)
+    assert total is not None and victim.returncode == -signal.SIGKILL
+    out_text, err = survivor.communicate(timeout=TIMEOUT)
+    assert survivor.returncode == 2, (out_text, err)
+    message = [line for line in _quiet(err).splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "lost contact with the other processes" in message[0], err
+    assert not out.exists()  # no manifest: nothing half-written
+    with FeatureFile(parts.part_path(out, 1, 2)) as part:  # the killed part kept what it had written
+        assert 0 < part.split("train", require_complete=False).rows_done < total
+
+    port = free_port()
+    commands = [_extract(images, out, "--batch-size", "2", *group_flags(port, 2, i)) for i in range(2)]
+    resumed = run_all(commands)
+    assert [r.returncode for r in resumed] == [0, 0], [r.stderr for r in resumed]
+    assert "already complete" in resumed[0].stdout  # process 0 had finished its part before
+    single = subprocess.run(_extract(images, tmp_path / "one.h5"), capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr
+    one, many = _read_all(tmp_path / "one.h5"), _read_all(out)
+    for name in one:
+        for a, b in zip(one[name], many[name]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_part_from_another_run_is_refused_by_extraction_and_by_fit(images, tmp_path):
+    out, other = tmp_path / "many.h5", tmp_path / "other.h5"
+    for path, limit in ((out, "13"), (other, "12")):
+        port = free_port()
+        done = run_all([_extract(images, path, "--limit", limit, *group_flags(port, 2, i)) for i in range(2)])
+        assert [r.returncode for r in done] == [0, 0], [r.stderr for r in done]
+    shutil.copyfile(parts.part_path(other, 1, 2), parts.part_path(out, 1, 2))
+
+    fit = subprocess.run([*CLI, "fit", str(out), "--method", "dp-ls", "--eps", "1", "--out", str(tmp_path / "h")],
+                         capture_output=True, text=True, env=ENV)
+    assert fit.returncode == 2 and "part part-00001-of-00002.h5 is from another run" in fit.stderr, fit.stderr
+    assert "Traceback" not in fit.stderr and not (tmp_path / "h").exists()
+
+    port = free_port()
+    again = run_all([_extract(images, out, "--limit", "13", *group_flags(port, 2, i)) for i in range(2)])
+    assert [r.returncode for r in again] == [2, 2]
+    assert "belong to different extraction runs" in again[0].stderr and "part-00001-of-00002.h5" in again[0].stderr
+    assert "process 0 of 2 failed: " in again[1].stderr
+
+
+# --- many processes: fit ------------------------------------------------------------------------------------------
+
+FIT_WORKER = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np
+    from featdp import distributed
+    from featdp.jobs import fit_feature_file
+    path, method, options, seed, port, count, index, out, result = sys.argv[1:10]
+    seed = None if seed == "none" else int(seed)
+    with distributed.connect(f"localhost:{port}", int(count), int(index), job={"method": method}, timeout=60) as group:
+        job = fit_feature_file(path, method, epsilon=2.0, delta=1e-5, seed=seed, hyperparameters=json.loads(options),
+                               processes=group, block_rows=16, out_dir=None if out == "-" else out)
+    np.savez(result, weights=job.result.weights, report=json.dumps({
+        "epsilon": job.report["epsilon"], "count": job.result.count.value, "n": job.result.num_examples,
+        "accuracy": job.test_accuracy}))
+""")
+
+
+def _fit(path, method, options, seed, count, out="-"):
+    """(head, summary) of every process of a fit of `count` processes (one: no process group)."""
+    port, results = free_port(), pathlib.Path(path).parent / f"fit-{os.getpid()}-{time.monotonic_ns()}"
+    commands = [[sys.executable, "-c", FIT_WORKER, str(path), method, json.dumps(options), str(seed), str(port),
+                 str(count), str(i), str(out), f"{results}-{i}.npz"] for i in range(count)]
+    for process in run_all(commands):
+        assert process.returncode == 0, process.stderr
+    loaded = [np.load(f"{results}-{i}.npz") for i in range(count)]
+    return [(result["weights"], json.loads(str(result["report"]))) for result in loaded]
+
+
+@pytest.fixture(scope="module")
+def fit_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    splits = {"train": blobs(300), "test": blobs(60, seed=1)}
+    return write_features(root / "whole.h5", splits, num_classes=4), parts.write_parts(
+        root / "sharded.h5", splits, 3, num_classes=4)
+
+
+@pytest.mark.parametrize("method, options, exact", [
+    ("dp-ls", {}, True),
+    ("dp-sgd", {"steps": 4, "batch_size": 60, "lr": 2.0}, False),
+])
+def test_a_3_process_fit_gives_the_1_process_head(fit_files, method, options, exact):
+    """Same seed, same head. DP-LS's one pass sums row blocks that are the same on either side (each process's
+    rows start at a block edge), so only the float64 order of the final sums differs (~1e-16 relative), which
+    the release's grid rounding absorbs: the heads are equal bitwise. A Poisson-sampled DP-SGD step's
+    clipped-gradient sum is computed from float32 products whose rounding depends on how rows are batched, so
+    a coordinate near a half-grid point may round to the neighbouring grid point: the heads agree to within
+    a few grid steps of the releases, far below their noise."""
+    whole, sharded = fit_files
+    (single, single_report), = _fit(whole, method, options, 11, 1)
+    many = _fit(sharded, method, options, 11, 3)
+    for weights, report in many:
+        assert report == single_report  # the same ε, released count, n and test accuracy on every process
+        np.testing.assert_array_equal(weights, many[0][0])  # every process holds the same head
+    if exact:
+        np.testing.assert_array_equal(many[0][0], single)
+    else:
+        np.testing.assert_allclose(many[0][0], single, rtol=0, atol=1e-3 * np.abs(single).max())
+
+
+def test_an_unseeded_fit_draws_one_key_for_all_processes_and_process_0_writes(fit_files, tmp_path):
+    _, sharded = fit_files
+    runs = _fit(sharded, "dp-ls", {}, "none", 2, out=tmp_path / "head")
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(np.load(tmp_path / "head" / "head.npz")["weights"], runs[0][0])
+    other = _fit(sharded, "dp-ls", {}, "none", 2)
+    assert not np.array_equal(other[0][0], runs[0][0])  # fresh OS randomness on each run
+
+
+def test_every_process_prints_the_same_epsilon(fit_files, tmp_path):
+    _, sharded = fit_files
+    port = free_port()
+    results = run_all([[*CLI, "fit", str(sharded), "--method", "dp-sgd", "--eps", "1.5", "--seed", "3",
+                        "--out", str(tmp_path / "heads"), *group_flags(port, 2, i)] for i in range(2)])
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    lines = [[line for line in r.stdout.splitlines() if "epsilon" in line or "test top-1" in line] for r in results]
+    assert lines[0] == lines[1] and len(lines[0]) == 2
+    assert (tmp_path / "heads" / "privacy_report.json").exists()
+
+
+def test_a_slurm_environment_supplies_the_process_group(fit_files, tmp_path):
+    """No flags: JAX's Slurm detection gives the coordinator (the step's first node), the count and the id."""
+    _, sharded = fit_files
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+             "JAX_COORDINATOR_PORT": str(free_port())}
+    command = [*CLI, "fit", str(sharded), "--method", "dp-ls", "--eps", "1", "--seed", "1",
+               "--out", str(tmp_path / "h")]
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**ENV, **slurm, "SLURM_PROCID": str(i)}) for i in range(2)]
+    outputs = [process.communicate(timeout=TIMEOUT) for process in started]
+    assert [p.returncode for p in started] == [0, 0], [_quiet(err) for _, err in outputs]
+    epsilons = [[line for line in out.splitlines() if "epsilon" in line] for out, _ in outputs]
+    assert epsilons[0] == epsilons[1] and epsilons[0]
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_coordinator_is_an_error_within_the_timeout(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([*CLI, "fit", str(tmp_path / "f.h5"), "--eps", "1", "--coordinator",
+                             f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+                             "--coordinator-timeout", "2"], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert result.returncode == 2 and time.monotonic() - started < 60
+    assert result.stderr.startswith("error: cannot reach the coordinator localhost:"), result.stderr
+    assert "within 2 s" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--num-processes", "2", "--process-id", "2"], "--process-id must lie in [0, 2), got 2"),
+    (["--num-processes", "0"], "--num-processes must be >= 1, got 0"),
+    (["--num-processes", "2"], "needs all of --coordinator HOST:PORT"),
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+])
+def test_bad_process_group_flags_are_named(tmp_path, flags, fragment):
+    result = subprocess.run([*CLI, "fit", str(tmp_path / "f.h5"), "--eps", "1", *flags], capture_output=True,
+                            text=True, env=ENV, timeout=TIMEOUT)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and fragment in result.stderr, result.stderr
+
+
+def test_processes_started_with_different_num_processes_are_told_so(images, tmp_path):
+    port = free_port()
+    results = run_all([
+        _extract(images, tmp_path / "f.h5", *group_flags(port, 2, 0)),
+        _extract(images, tmp_path / "f.h5", *group_flags(port, 3, 1)),
+    ])
+    assert [r.returncode for r in results] == [2, 2]
+    for result in results:
+        assert result.stderr.startswith("error: process 1 was started with --num-processes 3, process 0 with "
+                                        "--num-processes 2"), result.stderr
+    assert not (tmp_path / "f.h5").exists() and not parts.parts_dir(tmp_path / "f.h5").exists()
+
+
+def test_processes_running_different_commands_are_told_which_option_differs(images, tmp_path):
+    port = free_port()
+    results = run_all([
+        _extract(images, tmp_path / "f.h5", "--limit", "5", *group_flags(port, 2, 0)),
+        _extract(images, tmp_path / "f.h5", "--limit", "6", *group_flags(port, 2, 1)),
+    ])
+    assert [r.returncode for r in results] == [2, 2]
+    assert all("differ in limit" in r.stderr for r in results), [r.stderr for r in results]
