@@ -3,7 +3,7 @@
 Command (CPU, full scale, ≈ 35 min on 2 shared cores; the 2 GB feature file is generated once, in ≈ 10 s
 on 2 cores, and reused):
 
-    /work/venv/bin/python benchmarks/fit_scale.py [--workdir /tmp/featdp_bench] [--n 1281167]
+    python benchmarks/fit_scale.py [--workdir /tmp/featdp_bench] [--n 1281167]
 
 On a GPU (JAX with CUDA; ≈ 4 min on one H200, generation (≈ 5 s there) included):
 

@@ -2,7 +2,7 @@
 
 Command (≈ 15 s on 2 cores, the small-shape check of the replica included):
 
-    /work/venv/bin/python benchmarks/noise_cost.py [--skip-check]
+    python benchmarks/noise_cost.py [--skip-check]
 
 Shape: Fashion-MNIST on ScatterNet features, n = 60,000, d = 3969, K = 10; ε ∈ {0.1, 1, 8}, δ = 1e-5,
 accountant pld. Methods: every private method at its defaults (featdp.methods.method_names(private=True)),

@@ -4,13 +4,13 @@ Command (≈ 3 min on 2 quiet cores at the default 3 repeats, 10 min for 5 repea
 ImageNet-shaped feature file of benchmarks/fit_scale.py is generated once in --workdir if missing, ≈ 25 s
 here, and reused):
 
-    /work/venv/bin/python benchmarks/release_time.py [--repeats 3] [--workdir /tmp/featdp_bench]
+    python benchmarks/release_time.py [--repeats 3] [--workdir /tmp/featdp_bench]
         [--imagenet-n 1281167] [--shapes fmnist,imagenet]
 
 Shapes (DP-LS, ε = 1):
 * fmnist: Fashion-MNIST ScatterNet shape, n = 60,000, d = 3969, K = 10, δ = 1e-5; synthetic unit-norm
-  float32 features (class means + Gaussian noise, numpy seed 0) held in memory as a plain ArraySource
-  (not the memoizing FrozenArraySource, so every fit does its own Gram pass);
+  float32 features (class means + Gaussian noise, numpy seed 0) held in memory as an ArraySource, fitted
+  without a `featdp.cache.StatisticsCache`, so every fit does its own Gram pass;
 * imagenet: n = 1,281,167, d = 768, K = 1000, δ = 1e-6; the synthetic float16 HDF5 file that
   benchmarks/fit_scale.py generates (its data_path/generate are imported, so both benchmarks share the
   file), streamed from disk by fit() with the page cache warm. `--imagenet-n` uses a smaller file instead;

@@ -2,7 +2,7 @@
 
 Command (≈ 2 min on 2 cores at the default N = 10⁹):
 
-    /work/venv/bin/python benchmarks/sampler_tails.py [--count 1000000000] [--old-count N] [--scale 3.6776e8]
+    python benchmarks/sampler_tails.py [--count 1000000000] [--old-count N] [--scale 3.6776e8]
 
 What it measures: N coordinates of featdp.mechanism.integer_noise(key_i, chunk, scale) — the rounded
 Gaussian the releases add, at a production scale s = 1.37·2²⁸ grid units (choose_grid keeps s ≥ 2²⁸) —

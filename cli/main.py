@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import pathlib
 import sys
+import time
 import warnings
 from typing import List, Optional
 
@@ -14,19 +16,65 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from featdp import __version__
+from featdp.progress import Update
+from featdp_cli.display import ProgressDisplay
+
+try:  # typer ≥ 0.26 carries its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer, on the click package
+    from click.exceptions import UsageError
+
+
+class _Commands(TyperGroup):
+    """A usage error in a command's arguments (a value outside the listed choices, a missing or unknown
+    option) follows the CLI's rule for bad input: one `error:` line naming the value, exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            where = error.ctx.command_path if error.ctx is not None else "featdp"
+            _fail(f"{error.format_message()} (`{where} --help` lists the options)")
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would eat bracketed text such as `NAME[@REVISION]`, and rich's help
+    # writes `<bool>` after every flag.
+    rich_markup_mode=None,
     help="Differentially private linear heads on frozen pretrained features.",
 )
 console = Console()
 errors = Console(stderr=True)
 # User-derived text (paths, split and attribute values, messages quoting them) is printed as rich `Text`
 # or through `escape`, never as markup: `[bold]` or `[nan]` in a value would vanish and `[/x]` would crash.
+# Lines a user may paste back (commands, paths) are printed with soft_wrap: never broken by rich (a terminal
+# folds them, and copying gives one line); off a terminal tables are not wrapped either (`_version`).
+UNWRAPPED_WIDTH = 10_000
+
+
+def _say(text: str | Text) -> None:
+    """Prints one line of plain text (no markup, no highlighting), never wrapped by rich."""
+    console.print(text if isinstance(text, Text) else Text(text), highlight=False, soft_wrap=True)
+
+
+# Choices, spelled out here so that `featdp --help` need not import the library (the accountants alone take
+# a second); tests/test_cli.py checks them against the library's own lists.
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    return enum.Enum(name, [(v, v) for v in values], type=str)
+
+
+Accountant = _choices("Accountant", ("pld", "rdp"))  # featdp.accounting.ACCOUNTANTS
+Device = _choices("Device", ("auto", "cpu", "gpu", "tpu", "cpu-jax"))  # featdp.backend.DEVICES
+AuditMode = _choices("AuditMode", ("canary", "one-run", "white-box"))
+AuditScore = _choices("AuditScore", ("releases", "head"))  # featdp.audit.canary.SCORES
+ComputeDtype = _choices("ComputeDtype", ("auto", "float32", "bfloat16"))  # featdp.extraction.extract.DTYPES
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -35,9 +83,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from featdp.featurefile import FeatureFileError
     from featdp.methods import HyperparameterError
     from featdp.backend import DeviceError
+    from featdp.distributed import DistributedError
     from featdp.report import OutputError
 
-    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError, OutputError, DeviceError)
+    return (PrivacyParameterError, DataError, FeatureFileError, HyperparameterError, OutputError, DeviceError,
+            DistributedError)
 
 
 def _extraction_errors() -> tuple[type[Exception], ...]:
@@ -87,22 +137,48 @@ def _parse_sets(pairs: List[str]) -> dict[str, str]:
 
 TEST_SPLIT_HELP = "Split to report top-1 on; it must exist. --test-split '' fits without a test accuracy."
 
+# The process-group options of `fit` and `extract` (featdp.distributed); without them JAX's cluster detection
+# (Slurm, Open MPI, Cloud TPU pods) decides, and outside a cluster the command runs as one process.
+COORDINATOR = typer.Option(None, "--coordinator", metavar="HOST:PORT", help="Process 0's address, the same for "
+                           "every process of a multi-host run (process 0 listens on PORT).")
+NUM_PROCESSES = typer.Option(None, "--num-processes", help="Processes (hosts) in the run; 1: this process alone.")
+PROCESS_ID = typer.Option(None, "--process-id", help="This process's index in [0, --num-processes).")
+COORDINATOR_TIMEOUT = typer.Option(300.0, "--coordinator-timeout", help="Seconds to wait for every process "
+                                   "to join before stopping with an error.")
+
+
+@contextlib.contextmanager
+def _process_group(coordinator, num_processes, process_id, timeout, job: dict):
+    """The process group of a multi-host run (`featdp.distributed.connect`), as a context: a failure on any
+    process ends the command on every process, each naming it."""
+    from featdp import distributed
+
+    with distributed.connect(coordinator, num_processes, process_id, job=job, timeout=timeout) as group:
+        yield group
+TRAIN_SPLIT_HELP = "Split of the feature file to train on (private data)."
+FEATURES_HELP = "Feature file (HDF5), as `featdp extract` writes it."
+DELTA_HELP = "Target delta; default: a power of ten ≤ 0.1/ñ (ñ: the released count)."
+
 
 @app.command()
 def fit(
-    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help=FEATURES_HELP),
     method: str = typer.Option("dp-fc", "--method", "-m", help="Method name; see `featdp methods`."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Target epsilon (required for private methods)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/ñ (ñ: the released count)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help=DELTA_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise (any integer, hashed whole; reproducible, but predictable)."),
-    accountant: str = typer.Option("pld", "--accountant", help="pld (default, exact for Gaussians) or rdp."),
-    sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
-    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
-    train_split: str = typer.Option("train", "--train-split"),
+    accountant: Accountant = typer.Option("pld", "--accountant", help="pld (default, exact for Gaussians) or rdp."),
+    sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Hyperparameter KEY=VALUE; repeatable (see `featdp methods`)."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report; default: heads/<method>_eps<ε> (heads/<method> without --eps). A previous head and report there are replaced."),
+    train_split: str = typer.Option("train", "--train-split", help=TRAIN_SPLIT_HELP),
     test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
-    device: str = typer.Option("auto", "--device", help="Where the passes over the data run: auto (an "
-                               "accelerator if JAX has one, else numpy on the CPU), cpu, gpu or tpu. Noise is "
-                               "always drawn on the host."),
+    device: Device = typer.Option("auto", "--device", help="Where the passes over the data run: auto (an "
+                                  "accelerator if JAX has one, else numpy on the CPU), cpu, gpu, tpu or cpu-jax. "
+                                  "Noise is always drawn on the host."),
+    coordinator: Optional[str] = COORDINATOR,
+    num_processes: Optional[int] = NUM_PROCESSES,
+    process_id: Optional[int] = PROCESS_ID,
+    coordinator_timeout: float = COORDINATOR_TIMEOUT,
 ):
     """Train a private linear head on the train split and report test accuracy."""
     from featdp.jobs import fit_feature_file
@@ -114,10 +190,14 @@ def fit(
         method_obj = type(method_obj).from_strings(overrides)
         if out is None:
             out = pathlib.Path("heads") / (f"{method}_eps{eps:g}" if eps is not None else method)
-        with _warnings_printed():
+        command = dict(command="fit", features=str(features), method=method, eps=eps, delta=delta, seed=seed,
+                       accountant=accountant.value, sets=sorted(overrides.items()), out=str(out),
+                       train_split=train_split, test_split=test_split)
+        with _warnings_printed(), ProgressDisplay(console, last_lines=False), _process_group(
+                coordinator, num_processes, process_id, coordinator_timeout, command) as group:
             job = fit_feature_file(
-                features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant,
-                train_split=train_split, test_split=test_split, out_dir=out, device=device,
+                features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant.value,
+                train_split=train_split, test_split=test_split, out_dir=out, device=device.value, processes=group,
             )
     except _user_errors() as error:
         _fail(str(error))
@@ -151,21 +231,23 @@ def _add_outcome_rows(table, job, time_label: str, seconds: float) -> None:
     if job.report["noise_seeded"]:
         table.add_row("noise", "[yellow]seeded: predictable to anyone who knows the seed[/]")
     table.add_row("written", Text(str(job.out_dir)))
+    if job.replaced:
+        table.add_row("replaced", Text(f"the previous head and report in {job.out_dir}", style="yellow"))
 
 
 @app.command()
 def tune(
-    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help=FEATURES_HELP),
     methods: List[str] = typer.Option(["dp-fc"], "--method", "-m", help="A private method to tune; repeatable."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Target epsilon of the whole selection (required)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target delta; default: a power of ten ≤ 0.1/ñ (ñ: the released count)."),
-    grids: List[str] = typer.Option([], "--grid", help="KEY=V1,V2: candidates are the product over all --grid keys, for every --method; default: each method's tuning grid."),
+    delta: Optional[float] = typer.Option(None, "--delta", help=DELTA_HELP),
+    grids: List[str] = typer.Option([], "--grid", metavar="KEY=V1,V2", help="KEY=V1,V2: candidates are the product over all --grid keys, for every --method; default: each method's tuning grid."),
     mean_runs: float = typer.Option(10.0, "--mean-runs", help="Mean number of runs R (the number is random: it is what makes the selection cheap)."),
     shape: float = typer.Option(1.0, "--shape", help="Shape of the law of the number of runs: 1 geometric (default), 0 logarithmic, else truncated negative binomial."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed the noise and the draws (reproducible, but predictable)."),
-    accountant: str = typer.Option("rdp", "--accountant", help="rdp (the only accountant with the Papernot–Steinke bound)."),
-    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report."),
-    train_split: str = typer.Option("train", "--train-split"),
+    accountant: Accountant = typer.Option("rdp", "--accountant", help="rdp (the only accountant with the Papernot–Steinke bound)."),
+    out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report; default: heads/tune_eps<ε>. A previous head and report there are replaced."),
+    train_split: str = typer.Option("train", "--train-split", help=TRAIN_SPLIT_HELP),
     test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
 ):
     """Choose a method and hyperparameters privately (random stopping, Papernot & Steinke 2022) and write the chosen head."""
@@ -180,42 +262,18 @@ def tune(
         build_candidates(methods, grid, 1000.0)  # unknown or non-private methods, bad grid keys and values
         if out is None:
             out = pathlib.Path("heads") / f"tune_eps{eps:g}"
-        # RuntimeWarnings are numpy's, from the accountants' searches.
-        with _warnings_printed(ignore=(RuntimeWarning,)), _run_progress() as progress:
+        # RuntimeWarnings are numpy's, from the accountants' searches. The number of runs is not covered by
+        # the privacy guarantee: the operator may watch it on a terminal, but it is kept out of logs and
+        # reports, so off a terminal nothing is shown (lines=False), not even the runs' own fits.
+        with _warnings_printed(ignore=(RuntimeWarning,)), ProgressDisplay(console, lines=False) as display:
             job = tune_feature_file(
                 features, methods, epsilon=eps, delta=delta, mean_runs=mean_runs, shape=shape, grid=grid,
-                seed=seed, accountant=accountant, train_split=train_split, test_split=test_split, out_dir=out,
-                on_run=progress,
+                seed=seed, accountant=accountant.value, train_split=train_split, test_split=test_split,
+                out_dir=out, on_run=lambda done, total: display(Update("runs", done, total)),
             )
     except (SelectionError, *_user_errors()) as error:
         _fail(str(error))
     _print_tune_summary(job)
-
-
-class _run_progress:  # noqa: N801 - used as a context manager
-    """A rich progress bar over the selection's runs, on a terminal only. The number of runs is not covered
-    by the privacy guarantee: the operator may watch it, but it is kept out of logs and reports."""
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = self._task = None
-        if console.is_terminal:
-            self._bar = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=console, transient=True)
-            self._bar.__enter__()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            return
-        if self._task is None:
-            self._task = self._bar.add_task("runs", total=total)
-        self._bar.update(self._task, completed=done)
-
-    def __exit__(self, *exc_info):
-        if self._bar is not None:
-            self._bar.__exit__(*exc_info)
 
 
 def _print_tune_summary(job) -> None:
@@ -235,8 +293,8 @@ def _print_tune_summary(job) -> None:
 
 
 @app.command()
-def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
-    """Print a feature file's metadata and splits."""
+def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help=FEATURES_HELP)):
+    """Print a feature file's metadata and splits (an unfinished split: rows written of the rows declared)."""
     from featdp.featurefile import FeatureFile
 
     try:
@@ -247,11 +305,15 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
                 text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
                 table.add_row(Text(key), Text(text if len(text) < 200 else text[:197] + "..."))
             console.print(table)
-            splits = Table("split", "examples", "rows done", "dim", "dtype", "complete")
+            splits = Table("split", "examples", "dim", "dtype", "state")
             for name in handle.split_names:
                 split = handle.split(name, require_complete=False)
-                splits.add_row(Text(name), str(split.num_examples), str(split.rows_done), str(split.feature_dim),
-                               Text(str(split.dtype)), str(split.complete))
+                if split.complete:
+                    examples, state = str(split.declared_examples), "complete"
+                else:
+                    examples = f"{split.rows_done} of {split.declared_examples}"
+                    state = Text("unfinished: re-run the extraction to finish it", style="yellow")
+                splits.add_row(Text(name), examples, str(split.feature_dim), Text(str(split.dtype)), state)
             console.print(splits)
     except _user_errors() as error:
         _fail(str(error))
@@ -259,19 +321,19 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"))):
 
 @app.command()
 def methods():
-    """List the registered methods and their hyperparameters."""
+    """List the registered methods and their hyperparameters (set with --set KEY=VALUE)."""
     import dataclasses
 
     from featdp.methods import registry
 
-    table = Table("method", "private", "hyperparameters (defaults)")
+    table = Table("method", "hyperparameter", "default", "meaning")
     for name, cls in sorted(registry().items()):
-        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
-        table.add_row(name, "yes" if cls.private else "[red]no[/]", fields)
+        label = Text(name) if cls.private else Text.assemble(name, ("\n(non-private)", "red"))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for index, (key, meaning) in enumerate(cls.hyperparameter_help().items()):
+            table.add_row(label if index == 0 else "", key, str(defaults[key]), meaning,
+                          end_section=index == len(defaults) - 1)
     console.print(table)
-
-
-AUDIT_MODES = ("canary", "one-run", "white-box")
 
 
 @app.command()
@@ -280,27 +342,28 @@ def audit(
     eps: float = typer.Option(..., "--eps", help="The claimed epsilon."),
     delta: float = typer.Option(1e-5, "--delta", help="The claimed delta."),
     trials: int = typer.Option(2000, "--trials", help="Fits (canary, white-box) or canaries in one fit (one-run)."),
-    mode: str = typer.Option("canary", "--mode", help="canary, one-run or white-box."),
-    score: str = typer.Option("releases", "--score", help="releases (likelihood ratio) or head (logit margin)."),
+    mode: AuditMode = typer.Option("canary", "--mode", help="canary (M fits, half with a canary), one-run (M canaries in one fit) or white-box (each release's noise against its declared σ)."),
+    score: AuditScore = typer.Option("releases", "--score", help="releases (likelihood ratio of the released statistics) or head (the canary's logit margin: black-box)."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the empirical lower bound."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed the audit's noise and canaries."),
-    accountant: str = typer.Option("pld", "--accountant", help="Accountant that calibrates the claim."),
-    sets: List[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE; repeatable."),
+    accountant: Accountant = typer.Option("pld", "--accountant", help="Accountant that calibrates the claim."),
+    sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Hyperparameter KEY=VALUE; repeatable (see `featdp methods`)."),
 ):
     """Empirical privacy audit: a lower bound on ε from canaries; exit 1 if it exceeds the claim."""
     from featdp.methods import get_method
 
     overrides = _parse_sets(sets)
-    if mode not in AUDIT_MODES:
-        _fail(f"--mode must be one of {', '.join(AUDIT_MODES)}, got {mode!r}")
     try:
         method_obj = type(get_method(method)).from_strings(overrides)
-        if mode == "white-box":
-            _print_white_box(_run_white_box(method_obj, eps, delta, trials, seed, accountant))
-        else:
-            _print_audit(_run_canary_audit(method_obj, eps, delta, trials, mode, score, confidence, seed, accountant))
+        with ProgressDisplay(console):
+            if mode.value == "white-box":
+                result = _run_white_box(method_obj, eps, delta, trials, seed, accountant.value)
+            else:
+                result = _run_canary_audit(method_obj, eps, delta, trials, mode.value, score.value, confidence, seed,
+                                           accountant.value)
     except _user_errors() as error:
         _fail(str(error))
+    (_print_white_box if mode.value == "white-box" else _print_audit)(result)
 
 
 def _run_canary_audit(method, eps, delta, trials, mode, score, confidence, seed, accountant):
@@ -352,76 +415,67 @@ def _print_white_box(result) -> None:
 
 @app.command()
 def demo(
-    out: pathlib.Path = typer.Option(pathlib.Path("runs/demo"), "--out"),
-    backbone: str = typer.Option("scatternet", "--backbone", "-b"),
+    out: pathlib.Path = typer.Option(pathlib.Path("runs/demo"), "--out", help="Directory for the feature file and every head and privacy report."),
+    backbone: str = typer.Option("scatternet", "--backbone", "-b", help="See `featdp backbones`."),
     eps: str = typer.Option("1,3", "--eps", help="Comma-separated epsilons."),
-    delta: float = typer.Option(1e-5, "--delta"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images per split."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder of the Fashion-MNIST IDX files."),
+    delta: float = typer.Option(1e-5, "--delta", help="Delta of every private fit."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images per split (a file of its own)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder of the Fashion-MNIST IDX files; default: where Debian's dataset-fashion-mnist installs them."),
 ):
     """The main job, offline: Fashion-MNIST → frozen backbone → every method at a few ε → one table."""
-    import time
+    from featdp.demo import Demo
 
-    from featdp.extraction.extract import ExtractConfig, extract as run_extract
-    from featdp.jobs import fit_feature_file
-    from featdp.methods import method_names
-    from featdp.methods.dp_sgd import tramer_boneh_recipe
-
-    epsilons = [float(e) for e in eps.split(",")]
-    out.mkdir(parents=True, exist_ok=True)
-    # One file per (backbone, limit): a quick `--limit` run neither clashes with nor replaces the full file.
-    features = out / f"fashion_mnist_{backbone}{f'_first{limit}' if limit else ''}.h5"
-    console.print(f"[bold]1/2[/] extracting Fashion-MNIST {'(first %d images per split) ' % limit if limit else ''}"
-                  f"with {escape(backbone)} into {escape(str(features))} (resumable; reused when complete)")
+    try:
+        epsilons = tuple(float(e) for e in eps.split(","))
+    except ValueError:
+        _fail(f"--eps expects comma-separated numbers, got {eps!r}")
+    try:
+        job = Demo(out=out, backbone=backbone, epsilons=epsilons, delta=delta, limit=limit, data_dir=data_dir)
+    except (*_user_errors(), *_extraction_errors()) as error:
+        _fail(str(error))
+    size = f"(first {limit} images per split) " if limit else ""
+    console.print(f"[bold]1/2[/] extracting Fashion-MNIST {size}with {escape(backbone)} into "
+                  f"{escape(str(job.features))} (resumable; reused when complete)", highlight=False, soft_wrap=True)
     started = time.perf_counter()
     try:
-        with _progress_reporter() as report:
-            run_extract(ExtractConfig(backbone=backbone, dataset="fashion_mnist", out=features, limit=limit,
-                                      data_dir=data_dir, batch_size=min(512, limit or 512)), on_progress=report)
+        with ProgressDisplay(console) as display:
+            extraction = _ExtractionProgress(display)
+            job.extract(on_progress=extraction)
     except _extraction_errors() as error:
         _fail(str(error))
-    console.print(f"    extraction: {time.perf_counter() - started:.0f} s")
-    console.print(f"[bold]2/2[/] fitting every method at ε ∈ {{{eps}}}, δ = {delta:g} (noise from the OS)")
-    table = Table("method", *[f"ε={e:g}" for e in epsilons], "fit s (each)",
-                  title=f"Fashion-MNIST test top-1, {backbone} features")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in method_names(private=True):
-            jobs = [fit_feature_file(features, name, epsilon=e, delta=delta, out_dir=out / f"{name}_eps{e:g}")
-                    for e in epsilons]
-            seconds = "/".join(f"{job.result.fit_seconds:.0f}" for job in jobs)
-            table.add_row(name, *[f"{job.test_accuracy:.4f}" for job in jobs], seconds)
-        # The published multi-epoch recipe beside the one-step default: the defaults above are what
-        # `featdp fit` does unconfigured; this row is what DP-SGD does when given its paper's settings.
-        # The batch keeps the recipe's rate for Fashion-MNIST's public size (60,000 train images, or the
-        # user's --limit): never derived from the file's own row count, which a fit treats as private.
-        recipe = tramer_boneh_recipe(min(limit, 60_000) if limit else 60_000)
-        jobs = [fit_feature_file(features, "dp-sgd", epsilon=e, delta=delta, hyperparameters=recipe,
-                                 out_dir=out / f"dp-sgd-recipe_eps{e:g}") for e in epsilons]
-        table.add_row("dp-sgd (Tramèr–Boneh recipe)", *[f"{job.test_accuracy:.4f}" for job in jobs],
-                      "/".join(f"{job.result.fit_seconds:.0f}" for job in jobs))
-        for name in method_names(private=False):
-            job = fit_feature_file(features, name, epsilon=None, out_dir=out / name)
-            table.add_row(f"{name} (non-private)", *[f"{job.test_accuracy:.4f}"] * len(epsilons),
-                          f"{job.result.fit_seconds:.0f}")
+    reused = " (already complete: reused)" if extraction.already_complete else ""
+    _say(f"    extraction: {time.perf_counter() - started:.0f} s{reused}")
+    console.print(f"[bold]2/2[/] fitting every method at ε ∈ {{{', '.join(f'{e:g}' for e in job.epsilons)}}}, "
+                  f"δ = {delta:g} (noise from the OS); each row as it finishes:", highlight=False, soft_wrap=True)
+    table = Table("method", *[f"ε={e:g}" for e in job.epsilons], "fit s (each)",
+                  title=Text(f"Fashion-MNIST test top-1, {backbone} features"))
+    try:
+        with ProgressDisplay(console):
+            for row in job.rows():
+                accuracies = row.accuracies if row.private else row.accuracies * len(job.epsilons)
+                seconds = "/".join(f"{s:.0f}" for s in row.fit_seconds)
+                table.add_row(Text(row.label), *[f"{a:.4f}" for a in accuracies], seconds)
+                cells = "  ".join(f"ε={e:g}: {a:.4f}" for e, a in zip(job.epsilons, accuracies)) if row.private \
+                    else f"{row.accuracies[0]:.4f} (no ε: non-private)"
+                _say(f"    {row.label:<30} {cells}   fit {seconds} s")
+    except _user_errors() as error:
+        _fail(str(error))
     console.print(table)
-    settings = " ".join(f"--set {k}={v:g}" for k, v in recipe.items())
-    console.print(f"dp-sgd's default is one full-batch step (a noisy class-mean classifier); the recipe row is "
-                  f"`featdp fit --method dp-sgd {settings}` ({recipe['steps']} Poisson-sampled steps).",
-                  highlight=False)
-    if backbone == "scatternet" and not limit:
-        console.print("published: Tramèr & Boneh 2021, ScatterNet + linear head, DP-SGD: 89.7% at ε = 3, δ = 1e-5.")
-    console.print(f"total {time.perf_counter() - started:.0f} s; heads and privacy reports under {escape(str(out))}/",
-                  highlight=False)
+    _say(f"dp-sgd's default is one full-batch step (a noisy class-mean classifier); the recipe row is "
+         f"`{job.recipe_command()}` ({job.recipe['steps']} Poisson-sampled steps).")
+    if job.published:
+        _say(f"published: {job.published}")
+    _say(f"total {time.perf_counter() - started:.0f} s; heads and privacy reports under {out}/")
 
 
 @app.command()
 def bench(
-    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help="Feature file (HDF5)."),
+    features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help=FEATURES_HELP),
     eps: str = typer.Option("0.1,0.5,1,2,3,4,8", "--eps", help="Comma-separated epsilons."),
-    delta: float = typer.Option(1e-5, "--delta"),
+    delta: float = typer.Option(1e-5, "--delta", help="Delta of every private fit."),
     seeds: int = typer.Option(5, "--seeds", help="Fits per (method, ε); seeds 0…N−1."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated; default: every method."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated; default: every method. The non-private references run either way (see --no-references)."),
+    references: bool = typer.Option(True, "--references/--no-references", help="Also run the non-private references (ridge, logreg) when --methods does not name them."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report oracle rows: hyperparameters chosen on held-out train data, NOT private."),
     private_tune: bool = typer.Option(True, "--private-tune/--no-private-tune", help="Also report private-tuned rows: hyperparameters chosen by `featdp tune`'s random stopping within the same ε."),
     mean_runs: Optional[float] = typer.Option(None, "--mean-runs", help="Mean number of runs R of the private selection; default: each method's grid size."),
@@ -430,9 +484,9 @@ def bench(
     peer_seeds: Optional[int] = typer.Option(None, "--peer-seeds", help="Seeds for the peers; default: --seeds."),
     out: pathlib.Path = typer.Option(pathlib.Path("bench"), "--out", help="Directory for .md/.csv/.json/.png."),
     name: Optional[str] = typer.Option(None, "--name", help="File stem; default: the feature file's stem."),
-    train_split: str = typer.Option("train", "--train-split"),
-    test_split: str = typer.Option("test", "--test-split"),
-    accountant: str = typer.Option("pld", "--accountant"),
+    train_split: str = typer.Option("train", "--train-split", help=TRAIN_SPLIT_HELP),
+    test_split: str = typer.Option("test", "--test-split", help="Split to report top-1 on."),
+    accountant: Accountant = typer.Option("pld", "--accountant", help="Accountant of the default and oracle rows (private-tuned rows: rdp)."),
 ):
     """Every method × ε × seed on one feature file (plus private-tuned, oracle, non-private and peer rows): tables and a plot."""
     from featdp.bench import report as bench_report
@@ -440,10 +494,12 @@ def bench(
 
     command = " ".join(
         [f"featdp bench {features} --eps {eps} --delta {delta:g} --seeds {seeds}"]
-        + ([f"--methods {methods}"] if methods else []) + ([] if tune else ["--no-tune"])
+        + ([f"--methods {methods}"] if methods else []) + ([] if references else ["--no-references"])
+        + ([] if tune else ["--no-tune"])
         + ([] if private_tune else ["--no-private-tune"]) + ([f"--mean-runs {mean_runs:g}"] if mean_runs is not None else [])
         + ([f"--peers {peers}"] if peers else []) + ([f"--peer-eps {peer_eps}"] if peer_eps else [])
-        + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else []) + ([f"--accountant {accountant}"] if accountant != "pld" else [])
+        + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else [])
+        + ([f"--accountant {accountant.value}"] if accountant.value != "pld" else [])
     )
     try:
         epsilons = tuple(float(e) for e in eps.split(","))
@@ -453,32 +509,36 @@ def bench(
     try:
         config = BenchConfig(
             epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, private_tune=private_tune, mean_runs=mean_runs,
-            accountant=accountant, methods=tuple(methods.split(",")) if methods else None,
-            peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons, peer_seeds=peer_seeds,
+            accountant=accountant.value, methods=tuple(methods.split(",")) if methods else None,
+            references=references, peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons,
+            peer_seeds=peer_seeds,
         )
         train, test = load_splits(features, train_split, test_split)
 
         def show(row):
             budget = "non-private" if row.epsilon is None else f"ε={row.epsilon:g} seed {row.seed}"
             spent = f"  (reported ε {row.epsilon_spent:.4f})" if row.kind == "private-tuned" else ""
-            console.print(f"  {row.kind:<13} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
-                          f"{row.fit_seconds:7.2f} s{spent}", highlight=False, soft_wrap=True)
+            _say(f"  {row.kind:<13} {row.method:<20} {budget:<18} {100 * row.accuracy:5.1f}%  "
+                 f"{row.fit_seconds:7.2f} s{spent}")
 
-        result = run_bench(train, test, config, on_row=show)
+        with ProgressDisplay(console):
+            result = run_bench(train, test, config, on_row=show)
     except (BenchError, *_user_errors()) as error:
         _fail(str(error))
     stem = name or features.stem
     paths = bench_report.write_all(result, out, stem, f"featdp bench: {features.name}", command)
-    console.print(bench_report.markdown(result, f"featdp bench: {features.name}", command), highlight=False)
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    console.print(bench_report.markdown(result, f"featdp bench: {features.name}", command), highlight=False,
+                  soft_wrap=True, markup=False)
+    _say("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()
 def extract(
     backbone: str = typer.Option("efficientnet-lite0", "--backbone", "-b", help="See `featdp backbones`."),
     dataset: str = typer.Option("fashion_mnist", "--dataset", "-d",
-                                help="fashion_mnist, tfds:NAME or folder:PATH (PATH/<split>/<class>/<image>)."),
-    out: pathlib.Path = typer.Option(pathlib.Path("features.h5"), "--out", "-o"),
+                                help="fashion_mnist, tfds:NAME, folder:PATH (PATH/<split>/<class>/<image>) or "
+                                     "hf:PATH_OR_NAME[@REVISION][:CONFIG] (Hugging Face datasets; --data-dir: its cache)."),
+    out: pathlib.Path = typer.Option(pathlib.Path("features.h5"), "--out", "-o", help="The feature file to write, or to finish (resumable)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated; default: all splits."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="TFDS data_dir or the Fashion-MNIST folder."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights for the backbone: a file, or hf-hub:ORG/NAME[@REVISION][:FILE] (Hugging Face cache; "
@@ -490,13 +550,18 @@ def extract(
         None, "--batch-size", help="Default: 256 on GPU/TPU, 32 on the CPU."
     ),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split (quick runs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a file made by a different command."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace a file made by a different command (or from a changed source) instead of refusing."),
+    dtype: ComputeDtype = typer.Option("auto", "--dtype", help="Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16."),
     workers: Optional[int] = typer.Option(
         None, "--workers", help="Loader processes decoding and resizing images (default: min(16, CPU count)); 0 or 1 loads in this process."
     ),
+    coordinator: Optional[str] = COORDINATOR,
+    num_processes: Optional[int] = NUM_PROCESSES,
+    process_id: Optional[int] = PROCESS_ID,
+    coordinator_timeout: float = COORDINATOR_TIMEOUT,
 ):
-    """Extract features of a frozen backbone into a feature file (resumable: re-run the same command)."""
+    """Extract features of a frozen backbone into a feature file (resumable: re-run the same command).
+    With several processes, each writes its share to <out>.parts/ and process 0 writes <out>."""
     from featdp.extraction.extract import ExtractConfig, extract as run_extract
 
     if workers is not None and workers < 0:
@@ -505,45 +570,46 @@ def extract(
     config = ExtractConfig(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
         data_dir=data_dir, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, batch_size=batch_size,
-        limit=limit, overwrite=overwrite, dtype=dtype, **({} if workers is None else {"workers": workers}),
+        limit=limit, overwrite=overwrite, dtype=dtype.value, **({} if workers is None else {"workers": workers}),
     )
     try:
-        with _progress_reporter() as report:
-            path = run_extract(config, on_progress=report)
+        command = dict(command="extract", backbone=backbone, dataset=dataset, out=str(out), splits=splits,
+                       checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, limit=limit, overwrite=overwrite,
+                       dtype=dtype.value)
+        with ProgressDisplay(console) as display, _process_group(
+                coordinator, num_processes, process_id, coordinator_timeout, command) as group:
+            extraction = _ExtractionProgress(display)
+            path = run_extract(config, on_progress=extraction, processes=group)
     except _extraction_errors() as error:
         _fail(str(error))
-    console.print(Text(f"wrote {path}"))
+    _say(f"already complete: {path} (nothing to extract)" if extraction.already_complete else f"wrote {path}")
 
 
-class _progress_reporter:  # noqa: N801 - used as a context manager
-    """A rich progress bar with images/s on a terminal; one plain line per batch otherwise."""
+class _ExtractionProgress:
+    """`extract`'s split progress as display updates (rows of each split, images/s). A split that was complete
+    before this run is said to be so, once, instead of showing a bar at 0 img/s."""
 
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __init__(self, display: ProgressDisplay):
+        self._display = display
+        self._complete_at_start: dict[str, bool] = {}
 
-        self._tasks: dict[str, int] = {}
-        self._bar = None
-        if console.is_terminal:
-            self._bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.0f} img/s"), TimeRemainingColumn(), console=console,
-            )
-            self._bar.__enter__()
-        return self
+    @property
+    def already_complete(self) -> bool:
+        """Whether the run found every split complete: it wrote nothing."""
+        return bool(self._complete_at_start) and all(self._complete_at_start.values())
 
-    def __call__(self, progress) -> None:
-        if self._bar is None:
-            console.print(Text(f"{progress.split}: {progress.rows_done}/{progress.num_examples} rows, "
-                               f"{progress.images_per_second:.0f} img/s"), highlight=False)
+    def __call__(self, split) -> None:
+        if split.split not in self._complete_at_start:
+            self._complete_at_start[split.split] = split.rows_at_start >= split.num_examples
+            if self._complete_at_start[split.split]:
+                _say(f"{split.split}: already complete ({split.num_examples} rows)")
+        if self._complete_at_start[split.split]:
             return
-        if progress.split not in self._tasks:
-            self._tasks[progress.split] = self._bar.add_task(escape(progress.split), total=progress.num_examples,
-                                                             rate=0.0)
-        self._bar.update(self._tasks[progress.split], completed=progress.rows_done, rate=progress.images_per_second)
-
-    def __exit__(self, *exc_info):
-        if self._bar is not None:
-            self._bar.__exit__(*exc_info)
+        if split.rows_done > split.rows_at_start:
+            detail = f"{split.images_per_second:.0f} img/s"
+        else:
+            detail = f"resuming at row {split.rows_at_start}" if split.rows_at_start else ""
+        self._display(Update(split.split, split.rows_done, split.num_examples, detail))
 
 
 @app.command()
@@ -559,6 +625,10 @@ def backbones():
 
 @app.callback(invoke_without_command=True)
 def _version(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    # Runs before every command. Off a terminal (a log, a pipe) rich would wrap every line and table at 80
+    # columns, and a printed command or path could no longer be pasted back: there nothing is wrapped.
+    for stream in (console, errors):
+        stream.width = None if stream.is_terminal else UNWRAPPED_WIDTH
     if version:
         console.print(__version__)
         raise typer.Exit()

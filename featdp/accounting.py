@@ -189,35 +189,138 @@ def without_sampling(event: events.DpEvent) -> events.DpEvent:
     return event
 
 
-def _bracket(make_event, eps_at, target: float, delta: float) -> tuple[float, float]:
-    """Scales lo < hi with ε(lo) > target ≥ ε(hi).
+_TOLERANCE = 1e-3  # calibration's relative precision on the noise scale
 
-    Accountant evaluations at small noise are the expensive ones for subsampled events (wide privacy
-    loss distributions), so the search comes down from above. Subsampling never increases ε, so the
-    exact noise scale for the event without sampling is a valid, cheaply computed upper end.
+
+def _unsampled_upper_end(make_event, target: float, delta: float) -> float | None:
+    """A noise scale at which ``make_event`` meets the target for sure, cheaply, or None.
+
+    Subsampling never increases ε, so the scale at which the event *without* sampling meets the target
+    (exact, closed form, when that event composes full-data Gaussians) is feasible for the event itself:
+    the search's first feasible point, found without evaluating the expensive accountant.
     """
-    hi = 2.0
     unsampled = lambda s: without_sampling(make_event(s))  # noqa: E731
-    if ExactGaussianAccountant().supports(unsampled(1.0)):
-        exact = lambda s: ExactGaussianAccountant().compose(unsampled(s)).get_epsilon(delta)  # noqa: E731
-        hi = 1.0
-        while exact(hi) > target:
-            hi *= 2
-        while hi > 2 * _MIN_SCALE and exact(hi / 2) <= target:
-            hi /= 2
-    while eps_at(hi) > target:
+    if not ExactGaussianAccountant().supports(unsampled(1.0)):
+        return None
+    exact = lambda s: ExactGaussianAccountant().compose(unsampled(s)).get_epsilon(delta)  # noqa: E731
+    hi = 1.0
+    while exact(hi) > target:
         hi *= 2
-        if hi > _MAX_SCALE:
+        if hi > _MAX_SCALE:  # the search reports it
+            return hi
+    while hi > 2 * _MIN_SCALE and exact(hi / 2) <= target:
+        hi /= 2
+    # Bisect the exact curve too (evaluations cost microseconds): the closer this end, the fewer
+    # evaluations of the real accountant.
+    lo = hi / 2
+    while hi > lo * (1 + _TOLERANCE):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if exact(mid) <= target else (mid, hi)
+    return hi
+
+
+def _search_accountant(event: events.DpEvent, accountant: str,
+                       target: float) -> Callable[[], dp_accounting.PrivacyAccountant] | None:
+    """A cheaper accountant whose ε approximates the real one's, used only to locate the calibrated scale
+    (`calibrate` brackets and verifies it with the real one); None where the real one is cheap enough.
+
+    PLD: the value grid coarsened by min(10, ε) (none below ε = 2). RDP: the integers among the default
+    orders, a subset, so its ε is never below the default orders'.
+    """
+    if isinstance(_accountant_for(event, accountant), ExactGaussianAccountant):
+        return None
+    if accountant == "pld":
+        # A coarser grid is several times faster where evaluations are slow (large ε: small noise, wide
+        # loss distributions), and its pessimism is roughly absolute in ε (~0.01–0.04 at 10×): harmless
+        # at large ε, far off at small ε.
+        coarsening = min(10.0, target)
+        if coarsening < 2:
+            return None
+        return functools.partial(pld_privacy_accountant.PLDAccountant, NEIGHBORING_RELATION,
+                                 value_discretization_interval=coarsening * PLD_DISCRETIZATION)
+    # Fractional orders cost most of an RDP evaluation (a series per order): integers alone are 4–5× faster.
+    orders = [order for order in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(order).is_integer()]
+    return functools.partial(rdp_privacy_accountant.RdpAccountant, orders, NEIGHBORING_RELATION)
+
+
+def _search(gap, start: float, target: float, delta: float, slope: float = -1.0,
+            aim: bool = False) -> tuple[float, float, float]:
+    """(lo, hi, slope): gap(lo) > 0 ≥ gap(hi), hi ≤ lo·(1 + _TOLERANCE), gap(s) = log ε(s) − log target,
+    and the log-log slope of ε between lo and hi.
+
+    log ε is nearly linear in log s (ε ∝ 1/s for a Gaussian, steeper under subsampling), so the search
+    works in log-log: from `start` it steps to the root predicted by `slope` (then by the secant of its
+    last two points) until the target is bracketed, then to the chord's root on the bracket. Once a
+    prediction is trusted (`aim`, or two successive predictions within 2%) it evaluates just above it
+    and, if that meets the target, just below it: an accurate prediction closes the bracket in two
+    evaluations.
+    """
+    # Few evaluations matter: a subsampled event's costs up to ~0.15 s at small noise, and a bisection
+    # to 0.1% needs a dozen.
+    half_step = (1 + 0.9 * _TOLERANCE) ** 0.5
+    lo = hi = None
+    history: list[float] = []  # scales evaluated, in order
+
+    def record(scale: float) -> bool:
+        """Evaluates `scale`; True if it meets the target."""
+        nonlocal lo, hi
+        history.append(scale)
+        if gap(scale) > 0:
+            lo = scale if lo is None else max(lo, scale)
+            return False
+        hi = scale if hi is None else min(hi, scale)
+        return True
+
+    def checked(scale: float) -> float:
+        if scale < _MIN_SCALE:
+            raise PrivacyParameterError(f"epsilon={target} at delta={delta} is reached with no noise at all")
+        if scale > _MAX_SCALE:
             raise PrivacyParameterError(
                 f"epsilon={target} at delta={delta} needs a noise scale above {_MAX_SCALE:g}: "
                 "the released head would be pure noise; raise epsilon or delta"
             )
-    lo = hi / 2
-    while eps_at(lo) <= target:
-        if lo < _MIN_SCALE:
-            raise PrivacyParameterError(f"epsilon={target} at delta={delta} is reached with no noise at all")
-        hi, lo = lo, lo / 2
-    return lo, hi
+        return scale
+
+    def probe_around(guess: float) -> None:
+        # Above the guess first: if the target fails there, the root is higher and the probe below it
+        # would only repeat that.
+        if record(checked(guess * half_step)) and (lo is None or guess / half_step > lo):
+            record(checked(guess / half_step))
+
+    record(checked(start))
+    previous = None
+    while lo is None or hi is None:  # step toward the predicted root (at most 16× at once)
+        base = history[-1]
+        g = gap(base)
+        if len(history) > 1 and all(math.isfinite(gap(s)) for s in history[-2:]) and gap(history[-2]) != g:
+            slope = (g - gap(history[-2])) / math.log(base / history[-2])
+        if not (math.isfinite(g) and slope < 0):
+            predicted = base * (16 if g > 0 else 1 / 16)
+        else:
+            predicted = base * math.exp(min(max(-g / slope, -math.log(16)), math.log(16)))
+        # Strictly beyond the one end known so far, so every step learns something.
+        predicted = min(predicted, hi / (1 + _TOLERANCE)) if lo is None else max(predicted, lo * (1 + _TOLERANCE))
+        if aim:
+            probe_around(predicted)
+        else:
+            record(checked(predicted))
+        previous = predicted
+    while hi > lo * (1 + _TOLERANCE):
+        g_lo, g_hi = gap(lo), gap(hi)
+        if math.isfinite(g_lo) and math.isfinite(g_hi) and g_lo > g_hi:
+            guess = lo * (hi / lo) ** (g_lo / (g_lo - g_hi))
+        else:  # ε infinite at lo or zero at hi: no chord, halve the bracket (in log scale)
+            guess = math.sqrt(lo * hi)
+        guess = min(max(guess, lo * half_step), hi / half_step)
+        trusted = previous is not None and abs(math.log(guess / previous)) < 0.02
+        previous = guess
+        if trusted:
+            probe_around(guess)
+        else:
+            record(guess)
+    g_lo, g_hi = gap(lo), gap(hi)
+    slope = (g_hi - g_lo) / math.log(hi / lo) if math.isfinite(g_lo) and math.isfinite(g_hi) else -1.0
+    return lo, hi, slope if slope < 0 else -1.0
 
 
 def calibrate(
@@ -229,29 +332,38 @@ def calibrate(
     """The smallest noise scale s (to 0.1%) for which ``make_event(s)`` is (target_epsilon, delta)-DP.
 
     `make_event` must give events whose ε falls as s rises and whose structure does not depend on s.
+    The returned scale and one at most 0.1% below it were both evaluated by the real accountant (the one
+    `epsilon` uses): the first meets the target, the second does not, and the ε reported is the first's.
+    A cheaper accountant (`_search_accountant`) only chooses where to look.
     """
     check_privacy_parameters(target_epsilon, delta, accountant)
     probe = make_event(1.0)
-    make_fresh = functools.partial(_accountant_for, probe, accountant)
-    eps_at = lambda s: make_fresh().compose(make_event(s)).get_epsilon(delta)  # noqa: E731
-    lo, hi = _bracket(make_event, eps_at, target_epsilon, delta)
-    scale = float(
-        dp_accounting.calibrate_dp_mechanism(
-            make_fresh,
-            make_event,
-            target_epsilon,
-            delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-            # 0.1% of the bracket's low end: far below anything that changes accuracy, and each
-            # bisection step costs one accountant evaluation.
-            tol=1e-3 * lo,
-        )
-    )
-    # The root finder stops within its tolerance on either side: step up until the target holds.
-    reached = eps_at(scale)
-    while reached > target_epsilon:
-        scale *= 1.0005
-        reached = eps_at(scale)
+
+    def gap_of(make_fresh):
+        epsilons: dict[float, float] = {}  # one evaluation per scale and calibration
+
+        def gap(scale: float) -> float:
+            if scale not in epsilons:
+                epsilons[scale] = float(make_fresh().compose(make_event(scale)).get_epsilon(delta))
+            eps = epsilons[scale]
+            return math.inf if eps == math.inf else (math.log(eps / target_epsilon) if eps > 0 else -math.inf)
+
+        return gap, epsilons
+
+    start = _unsampled_upper_end(make_event, target_epsilon, delta) or 2.0
+    slope, aim = -1.0, False
+    cheap = _search_accountant(probe, accountant, target_epsilon)
+    if cheap is not None:
+        try:
+            _, start, slope = _search(gap_of(cheap)[0], start, target_epsilon, delta)
+            aim = True
+        except PrivacyParameterError:  # only the real accountant says what cannot be met
+            pass
+    gap, epsilons = gap_of(functools.partial(_accountant_for, probe, accountant))
+    _, scale, _ = _search(gap, start, target_epsilon, delta, slope, aim)
+    reached = epsilons[scale]
+    if not reached <= target_epsilon:  # the search's invariant; checked, as ε must never be under-reported
+        raise AssertionError(f"calibration ended at ε = {reached} above the target {target_epsilon}")
     return Calibration(
         noise_scale=scale,
         epsilon=float(reached),
@@ -277,3 +389,24 @@ def ledger_event(releases: Iterable) -> events.DpEvent:
             part = events.PoissonSampledDpEvent(q, part)
         parts.append(events.SelfComposedDpEvent(part, count) if count > 1 else part)
     return events.ComposedDpEvent(parts)
+
+
+def calibrate_function(epsilon_of: Callable[[float], float], target_epsilon: float, delta: float,
+                       start: float = 2.0) -> tuple[float, float]:
+    """(s, ε(s)): the smallest scale s (to 0.1%) with ``epsilon_of(s) ≤ target_epsilon``, by `calibrate`'s
+    search, for an ε that falls as s rises but that no dp-accounting accountant composes (`epsilon_of`
+    computes it; the caller states which accountant). The returned ε was evaluated at s and meets the
+    target; 0.1% below s it does not."""
+    check_privacy_parameters(target_epsilon, delta, "rdp")
+    epsilons: dict[float, float] = {}
+
+    def gap(scale: float) -> float:
+        if scale not in epsilons:
+            epsilons[scale] = float(epsilon_of(scale))
+        eps = epsilons[scale]
+        return math.inf if eps == math.inf else (math.log(eps / target_epsilon) if eps > 0 else -math.inf)
+
+    _, scale, _ = _search(gap, start, target_epsilon, delta)
+    if not epsilons[scale] <= target_epsilon:  # the search's invariant; ε must never be under-reported
+        raise AssertionError(f"calibration ended at ε = {epsilons[scale]} above the target {target_epsilon}")
+    return scale, epsilons[scale]

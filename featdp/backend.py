@@ -20,8 +20,11 @@ Devices (`resolve`): "auto" is JAX on an accelerator when `jax.default_backend()
 Numerical contract (both backends):
 * Rows are preprocessed (`Preprocessing`: x ↦ x·min(1, C'/‖x‖) or x·C'/‖x‖, C' = C(1 − 10⁻⁴)) in float32;
   the margin covers float32 rounding of the norm whatever the summation order, so ‖x‖ ≤ C on either path.
-* Within a row block (`data.block_rows` rows), products and sums are float32: numpy's sgemm, or XLA
-  matmuls at `Precision.HIGHEST` (true float32: never TF32 or bf16 passes, whatever the chip's default).
+* Within a row block (`data.block_rows` rows; numpy: a piece of one, `TrainingData.piece_rows`), products
+  and sums are float32: numpy's sgemm, or XLA matmuls at `Precision.HIGHEST` (true float32: never TF32 or
+  bf16 passes, whatever the chip's default).
+  (numpy's clipped gradient sum over rows in memory works in smaller gathered chunks, the same way:
+  `featdp.host_gradients`.)
 * Across blocks, numpy sums in float64 on the host. JAX sums on the device by compensated (Kahan)
   float32 summation and returns total − compensation in float64, so the cross-block error stays at a few
   units of 2⁻²⁴ relative to Σ|block statistic|, independent of the number of blocks.
@@ -30,7 +33,7 @@ Numerical contract (both backends):
   Results are deterministic on either path (no atomics: class sums are one-hot matmuls on the device).
 
 Memory (JAX): the preprocessed rows stay on the device when they fit in `RESIDENT_FRACTION` of its free
-memory (kept for the data's lifetime: a fit's `TrainingData`, or a `FrozenArraySource`'s memo across fits);
+memory (kept for the data's lifetime: a fit's `TrainingData`, or its `featdp.cache.StatisticsCache` across fits);
 otherwise every pass streams row blocks host → device, each transfer dispatched before the previous block's
 result is waited for (at most `IN_FLIGHT` blocks outstanding), so reading overlaps device compute. A
 file's blocks are read `PREFETCH` blocks ahead on a helper thread. With Poisson sampling, resident rows are
@@ -48,8 +51,8 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from featdp import stats
-from featdp.data import ArraySource
+from featdp import host_gradients, progress, stats
+from featdp.data import holds_rows_in_memory
 
 DEVICES = ("auto", "cpu", "gpu", "tpu", "cpu-jax")
 RESIDENT_FRACTION = 0.6  # of the device's free memory the preprocessed rows may take
@@ -90,14 +93,20 @@ def _resolve_name(device: str) -> Backend:
         return NumpyBackend()
     import jax
 
+    # Local devices: with several processes (`featdp.distributed`) jax.devices() lists every process's.
     if device == "auto":
-        return JaxBackend(jax.devices()[0]) if jax.default_backend() != "cpu" else NumpyBackend()
+        return JaxBackend(jax.local_devices()[0]) if jax.default_backend() != "cpu" else NumpyBackend()
     platform = "cpu" if device == "cpu-jax" else device
     try:
-        found = jax.devices(platform)
+        found = jax.local_devices(backend=platform)
     except RuntimeError as error:
         raise DeviceError(f"device={device!r}: JAX sees no {platform} device ({error})") from None
     return JaxBackend(found[0])
+
+
+def _reported_pass(blocks: Iterator, total: int) -> Iterator:
+    """`blocks` of one statistics pass, `total` of them, reported as progress (`featdp.progress`) block by block."""
+    return progress.track(blocks, "statistics pass (row blocks)", total)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,12 +123,14 @@ class NumpyBackend:
         d, k = data.feature_dim, data.num_classes
         gram = np.zeros((d, d), dtype=np.float64)
         cross = np.zeros((d, k), dtype=np.float64)
-        for x, y in data.blocks():
+        for x, y in _reported_pass(data.blocks(), data.pass_length):
             gram += x.T @ x
             cross += stats.class_sums(x, y, k)
         return gram, cross
 
     def clipped_gradient_sum(self, data, weights, clip, select=None):
+        if host_gradients.holds_rows(data):  # rows in memory: gathered chunk by chunk, on every core
+            return host_gradients.clipped_gradient_sum(data, weights, clip, select)
         total = np.zeros((data.feature_dim, data.num_classes), dtype=np.float64)
         for x, y, row_norms in data.blocks_with_norms(select):
             total += stats.clipped_softmax_gradient_sum(x, y, weights, clip, row_norms)
@@ -310,8 +321,8 @@ class JaxBackend:
 
     @staticmethod
     def _cache(data) -> dict:
-        memo = getattr(data.source, "memo", None)  # frozen rows: shared by every fit on them
-        return memo if memo is not None else data.device_cache
+        # With a cache, shared by every fit on the same rows.
+        return data.cache.device_rows(data.source) if data.cache is not None else data.device_cache
 
     def _put(self, array):
         import jax
@@ -345,7 +356,7 @@ class JaxBackend:
             keep = needed <= self._resident_budget()
             stored = [] if keep else None
             source_blocks = data.source.blocks(block_rows)
-            if not isinstance(data.source, ArraySource):  # rows in memory need no reading ahead
+            if not holds_rows_in_memory(data.source):  # rows in memory need no reading ahead
                 source_blocks = _prefetched(source_blocks)
             for index, (x, y) in enumerate(source_blocks):
                 rows = len(y)
@@ -406,7 +417,8 @@ class JaxBackend:
 
     def second_moments(self, data):
         d, k = data.feature_dim, data.num_classes
-        blocks = (block[:2] for block in self._blocks(data))
+        device_blocks = -(-data.num_examples // data.block_rows)
+        blocks = (block[:2] for block in _reported_pass(self._blocks(data), device_blocks))
         state = self._accumulate("moments", (self._zeros((d, d)), self._zeros((d, k))), blocks, num_classes=k)
         return self._to_host(state[0]), self._to_host(state[1])
 

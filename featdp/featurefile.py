@@ -11,6 +11,10 @@ Layout, format version 1 (this docstring is the format's specification)::
     /<split>/index     (N,) int64, position of the example in the source dataset
     /<split>           attrs: num_examples, rows_done, complete
 
+The part files of a sharded feature file (written by `featdp extract` with several processes) also carry
+the root attribute `part` (JSON: run_id, index, count, first_rows); the manifest that lists them is
+specified in `featdp.featurefile_parts`, and `FeatureFile` reads either kind.
+
 This module is the only code that knows the layout; everything else goes through `FeatureWriter`,
 `write_features` and `FeatureFile`.
 
@@ -18,7 +22,10 @@ A feature file may come from anyone, so opening one trusts nothing in it:
 
 * Every object featdp reads must be stored in the file itself. HDF5 can make a dataset read other files
   (external storage, external links, virtual datasets) or alias another path (soft links); such a file is
-  refused when it is opened, before anything is read through it.
+  refused when it is opened, before anything is read through it. The one way a feature file spans several
+  files is featdp's own sharded layout, whose manifest names parts only inside its own parts folder and
+  whose parts are each checked like a feature file, against the manifest's sizes and checksums
+  (`featdp.featurefile_parts`).
 * Attributes are checked for type and against the datasets' shapes, and every row a split vouches for must
   be on disk: HDF5 answers unwritten storage with its fill value, so a few kilobytes could otherwise declare
   terabytes of features. `check_allocation` stops large reads (and lets the fit check its own matrices)
@@ -700,6 +707,29 @@ def _first_label_outside(labels: np.ndarray, num_classes: int) -> int | None:
     return int(np.argmax((labels < 0) | (labels >= num_classes)))
 
 
+def _refuse_manifest(path, h5: h5py.File) -> None:
+    from featdp import featurefile_parts
+
+    if featurefile_parts.is_manifest(h5.attrs):
+        raise _error(
+            path,
+            f"is a sharded feature file (a manifest of parts in {featurefile_parts.parts_dir(path).name}/, written by "
+            "several processes): resume it with the same --num-processes, or pass overwrite=True (featdp extract "
+            "--overwrite) to replace it",
+        )
+
+
+def _part_change(have: dict, want: dict) -> str:
+    """What differs between the part a file is and the part a run writes (module docstring: `part`)."""
+    if not have or not want:
+        kinds = ["a whole feature file" if not p else "a part of a sharded feature file" for p in (have, want)]
+        return f"the file is {kinds[0]}, this run writes {kinds[1]}"
+    old, new = _flatten(have), _flatten(want)
+    changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+    return "its part attribute differs from this run's in " + ", ".join(
+        f"{key} ({_short(old.get(key, _ABSENT))} in the file, {_short(new.get(key, _ABSENT))} now)" for key in changed)
+
+
 class FeatureWriter:
     """Creates, or resumes, a feature file; a context manager.
 
@@ -712,6 +742,9 @@ class FeatureWriter:
     The writer holds the file's `FeatureFileLock` from before it opens the file until `close()`;
     FileInUseError if another process holds it. Pass `lock` (held, for the same path) to use a lock the
     caller took earlier and will release itself.
+
+    `part` makes the file a part of a sharded feature file (`featdp.featurefile_parts.part_identity`); it
+    is identifying: a part is resumed only by the run that created it.
     """
 
     def __init__(
@@ -730,6 +763,7 @@ class FeatureWriter:
         source_fingerprint: dict | None = None,
         overwrite: bool = False,
         lock: FeatureFileLock | None = None,
+        part: dict | None = None,
     ):
         self.path = pathlib.Path(path)
         self._h5 = None
@@ -765,7 +799,16 @@ class FeatureWriter:
         try:
             if self.path.exists() and not overwrite:
                 self._h5 = _open_checked(self.path, "r+")
+                _refuse_manifest(self.path, self._h5)
                 self.metadata = _from_attrs(self.path, self._h5.attrs)
+                have_part = _json_attr(self.path, self._h5.attrs, "part", dict, default="{}")
+                want_part = json.loads(_canonical_json(self.path, "part", part or {}))
+                if have_part != want_part:
+                    raise _error(
+                        self.path,
+                        f"cannot resume: {_part_change(have_part, want_part)}; pass overwrite=True (featdp extract "
+                        "--overwrite) to start a fresh file",
+                    )
                 for name in _IDENTIFYING:
                     have, want = getattr(self.metadata, name), getattr(wanted, name)
                     if have == want:
@@ -782,6 +825,8 @@ class FeatureWriter:
             else:
                 self._h5 = _open_h5(self.path, "w")
                 self._h5.attrs.update(_to_attrs(wanted))
+                if part:
+                    self._h5.attrs["part"] = _canonical_json(self.path, "part", part)
                 self._h5.flush()
                 self.metadata = wanted
         except BaseException:
@@ -1008,6 +1053,9 @@ class Split:
         self.dtype = self._features.dtype
         self.complete = _bool_attr(path, group.attrs, "complete", f"split {name!r}")
         self.rows_done = _int_attr(path, group.attrs, "rows_done", f"split {name!r}")
+        # The rows the split will hold once complete; `num_examples` is the rows it covers now (rows_done
+        # while unfinished).
+        self.declared_examples = _int_attr(path, group.attrs, "num_examples", f"split {name!r}")
 
     def __repr__(self) -> str:
         return (
@@ -1039,6 +1087,10 @@ class Split:
             ) from None
         features = features.astype(np.float32, copy=False)
         labels = labels.astype(np.int64, copy=False)
+        self._check_rows(start, features, labels)
+        return features, labels
+
+    def _check_rows(self, start: int, features: np.ndarray, labels: np.ndarray) -> None:
         bad = _first_nonfinite_row(features)
         if bad is not None:
             raise _error(self.path, f"split {self.name!r}, row {start + bad}: feature vector is not finite")
@@ -1049,7 +1101,6 @@ class Split:
                 f"split {self.name!r}, row {start + bad}: label {labels[bad]} outside "
                 f"[0, {self.num_classes})",
             )
-        return features, labels
 
     def blocks(self, block_rows: int = 32768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields validated (features (b, D) float32, labels (b,) int64) blocks in row order."""
@@ -1058,13 +1109,70 @@ class Split:
         for start in range(0, self.num_examples, block_rows):
             yield self._read_rows(start, min(start + block_rows, self.num_examples))
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole split as (float32 (N, D), int64 (N,)), validated like blocks()."""
-        return self._read_rows(0, self.num_examples)
+    def read(self, block_rows: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split as (float32 (N, D), int64 (N,)), validated like blocks().
+
+        Rows are read straight into the result, `block_rows` at a time (HDF5 converts float16 and int32 on
+        the way, through its own small buffer), so nothing of the split's size is held beside the result."""
+        n, d = self.num_examples, self.feature_dim
+        nbytes = n * (4 * d + 8)
+        if nbytes >= _CHECKED_READ_BYTES:
+            check_allocation(nbytes, f"{self.path}: reading rows [0, {n}) of split {self.name!r} ({n} x {d} features)")
+        features = np.empty((n, d), np.float32)
+        labels = np.empty((n,), np.int64)
+        for start in range(0, n, block_rows):
+            rows = np.s_[start : min(start + block_rows, n)]
+            try:
+                self._features.read_direct(features, rows, rows)
+                self._labels.read_direct(labels, rows, rows)
+            except OSError as exc:
+                raise _error(
+                    self.path,
+                    f"split {self.name!r}, rows [{rows.start}, {rows.stop}): not a readable HDF5 feature file "
+                    f"(truncated or corrupt?): {exc}",
+                ) from None
+            self._check_rows(start, features[rows], labels[rows])
+        return features, labels
 
     def read_index(self) -> np.ndarray:
         """Positions of the rows in the source dataset, int64 (N,)."""
         return self._index[: self.num_examples].astype(np.int64, copy=False)
+
+    def read_stored(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, stop) as stored (features in the file's dtype), labels and index as int64, not
+        validated: what the checksums of a sharded file's parts cover (`featdp.featurefile_parts`)."""
+        try:
+            return (self._features[start:stop], self._labels[start:stop].astype(np.int64, copy=False),
+                    self._index[start:stop].astype(np.int64, copy=False))
+        except OSError as exc:
+            raise _error(self.path, f"split {self.name!r}, rows [{start}, {stop}): not a readable HDF5 feature "
+                                    f"file (truncated or corrupt?): {exc}") from None
+
+    def rows(self, start: int, stop: int) -> RowRange:
+        """Rows [start, stop) of the split, as a row source of their own (`RowRange`)."""
+        return RowRange(self, start, stop)
+
+
+class RowRange:
+    """Rows [start, stop) of a split (`Split` or a sharded file's split), read like a split: one process's
+    share of the rows in a distributed fit. `first_row` is `start`: global row first_row + i is row i here."""
+
+    def __init__(self, split, start: int, stop: int):
+        if not 0 <= start <= stop <= split.num_examples:
+            raise ValueError(f"rows [{start}, {stop}) are not within the split's {split.num_examples}")
+        self.split, self.first_row, self.stop = split, int(start), int(stop)
+        self.num_examples = self.stop - self.first_row
+        self.feature_dim, self.num_classes = split.feature_dim, split.num_classes
+
+    def __repr__(self) -> str:
+        return f"RowRange({self.split!r}, [{self.first_row}, {self.stop}))"
+
+    def blocks(self, block_rows: int = 32768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Validated (features float32, labels int64) blocks in row order, like `Split.blocks`."""
+        if block_rows < 1:
+            raise ValueError(f"block_rows={block_rows} must be >= 1")
+        for start in range(self.first_row, self.stop, block_rows):
+            yield self.split._read_rows(start, min(start + block_rows, self.stop))
 
 
 class FeatureFile:
@@ -1078,9 +1186,15 @@ class FeatureFile:
         if self.path.exists():
             _check_not_being_written(self.path)
         self._h5 = _open_checked(self.path, "r")
+        self._parts = None  # the parts of a sharded feature file (`featdp.featurefile_parts.Manifest`)
         try:
             self.metadata = _from_attrs(self.path, self._h5.attrs)
             self.split_names = tuple(_group_names(self._h5))
+            from featdp import featurefile_parts
+
+            if featurefile_parts.is_manifest(self._h5.attrs):
+                self._parts = featurefile_parts.Manifest(self.path, self._h5, self.metadata)
+                self.split_names = self._parts.split_names()
         except BaseException:
             self._h5.close()
             raise
@@ -1092,13 +1206,23 @@ class FeatureFile:
         self.close()
 
     def close(self) -> None:
+        if self._parts is not None:
+            self._parts.close()
         self._h5.close()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this is the manifest of a sharded feature file (`featdp.featurefile_parts`)."""
+        return self._parts is not None
 
     def split(self, name: str, *, require_complete: bool = True) -> Split:
         """Opens split `name` after checking its shapes and attributes.
 
-        With require_complete=False an unfinished split is accepted and covers its rows_done rows.
+        With require_complete=False an unfinished split is accepted and covers its rows_done rows. (A
+        sharded file's splits are always complete: its manifest is written last.)
         """
+        if self._parts is not None:
+            return self._parts.split(name)
         group = _split_group(self.path, self._h5, name)
         where = f"split {name!r}"
         n, done, complete = _split_state(self.path, group, name, self.metadata.feature_dim)

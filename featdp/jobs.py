@@ -3,7 +3,8 @@ on another, write outputs.
 
 The output directory is checked and locked before the feature file is even opened (a bad or busy `out_dir`
 fails at once, not after the fit), and stays locked until head and report are in place as one unit
-(`featdp.report.output_directory`). A named test split must exist; None or "" skips the evaluation.
+(`featdp.report.output_directory`). A head and report already there are replaced, and the result says so
+(`replaced`). A named test split must exist; None or "" skips the evaluation.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import pathlib
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from featdp import report as report_lib
+import numpy as np
+
+from featdp import distributed, report as report_lib
 from featdp.checksums import file_sha256
+from featdp.data import DEFAULT_BLOCK_ROWS
 from featdp.featurefile import FeatureFile, FeatureFileError
 from featdp.report import OutputError, OutputInUseError
 from featdp.training import FitResult, fit
@@ -31,6 +35,7 @@ class FitJobResult:
     test_accuracy: float | None
     report: dict
     out_dir: pathlib.Path | None
+    replaced: bool = False  # out_dir held a head and report before, which this job's replaced
 
 
 def fit_feature_file(
@@ -46,19 +51,30 @@ def fit_feature_file(
     test_split: str | None = "test",
     out_dir: str | os.PathLike | None = None,
     device: str = "auto",
+    processes: distributed.LocalGroup | distributed.ProcessGroup | None = None,
+    block_rows: int | None = None,
 ) -> FitJobResult:
     """Fits on `train_split`, reports top-1 on `test_split` (None or "": no evaluation), writes head + report
-    to `out_dir` as one unit. `device`: where the passes over the data run (`featdp.training.fit`)."""
+    to `out_dir` as one unit. `device`: where the passes over the data run (`featdp.training.fit`).
+
+    With `processes` (`featdp.distributed`), each process streams its own contiguous share of the train
+    and test rows (train shares start at multiples of `block_rows`, as `fit` requires), the statistics and
+    the test accuracy are summed over the processes, and process 0 alone writes `out_dir`; every process
+    returns the same result and report."""
     path = pathlib.Path(path)
-    with _locked_output(out_dir) as target:
+    group = processes if processes is not None else distributed.LOCAL
+    with _locked_output(out_dir if group.is_leader else None) as target:
+        replaced = _holds_outputs(target)
         with FeatureFile(path) as features:
             train = features.split(train_split)
             test = _test_split(features, test_split)
+            if group.count > 1:
+                train = train.rows(*group.row_range(train.num_examples, block_rows or DEFAULT_BLOCK_ROWS))
             result = fit(
                 train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
-                hyperparameters=hyperparameters, device=device,
+                hyperparameters=hyperparameters, device=device, processes=group, block_rows=block_rows,
             )
-            accuracy = result.accuracy(test) if test is not None else None
+            accuracy = _accuracy(result, test, group) if test is not None else None
             metadata = features.metadata
         report = report_lib.privacy_report(
             result, fit_seconds=result.fit_seconds,
@@ -66,7 +82,19 @@ def fit_feature_file(
         )
         if target is not None:
             out_dir = target.write(result, report, class_names=metadata.class_names)
-    return FitJobResult(result, accuracy, report, out_dir)
+        elif out_dir is not None:  # another process (process 0) writes it
+            out_dir = pathlib.Path(out_dir)
+    return FitJobResult(result, accuracy, report, out_dir, replaced)
+
+
+def _accuracy(head, test, group) -> float:
+    """Top-1 of `head` on `test`: on one process directly; on several, each counts its share of the rows."""
+    if group.count == 1:
+        return head.accuracy(test)
+    rows = test.rows(*group.row_range(test.num_examples))
+    correct = sum(int((head.predict(x) == y).sum()) for x, y in rows.blocks())
+    right, total = group.sum(np.array([correct, rows.num_examples], np.float64))
+    return float(right / max(total, 1.0))
 
 
 def _provenance(path, metadata, train_split, test_split, test_accuracy) -> dict:
@@ -82,6 +110,7 @@ class TuneJobResult:
     test_accuracy: float | None
     report: dict
     out_dir: pathlib.Path | None
+    replaced: bool = False  # out_dir held a head and report before, which this job's replaced
 
 
 def tune_feature_file(
@@ -108,6 +137,7 @@ def tune_feature_file(
     path = pathlib.Path(path)
     started = time.perf_counter()
     with _locked_output(out_dir) as target:
+        replaced = _holds_outputs(target)
         with FeatureFile(path) as features:
             train = features.split(train_split)
             test = _test_split(features, test_split)
@@ -123,12 +153,17 @@ def tune_feature_file(
         )
         if target is not None:
             out_dir = target.write(result, report, class_names=metadata.class_names)
-    return TuneJobResult(result, accuracy, report, out_dir)
+    return TuneJobResult(result, accuracy, report, out_dir, replaced)
 
 
 def _locked_output(out_dir):
     """`report.output_directory(out_dir)`, or nothing to write when `out_dir` is None."""
     return contextlib.nullcontext() if out_dir is None else report_lib.output_directory(out_dir)
+
+
+def _holds_outputs(target) -> bool:
+    """Whether the locked output directory already holds a head or report (which the job will replace)."""
+    return target is not None and any((target.path / name).exists() for name in report_lib.OUTPUT_FILES)
 
 
 def _test_split(features: FeatureFile, name: str | None):

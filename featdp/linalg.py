@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import hashlib
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
 
+if TYPE_CHECKING:
+    from featdp.cache import StatisticsCache
 
 _FLOAT32_FROM_DIM = 1024
 
 
-def psd_ridge_solve(matrix: np.ndarray, lam: float, rhs: np.ndarray) -> np.ndarray:
+def psd_ridge_solve(
+    matrix: np.ndarray, lam: float, rhs: np.ndarray, cache: StatisticsCache | None = None
+) -> np.ndarray:
     """(PSD(M) + λI)⁻¹ rhs, where PSD sets M's negative eigenvalues to 0.
 
     Noise makes a released Gram matrix indefinite; projecting first keeps the system positive definite
     for any λ > 0, and one eigendecomposition gives both the projection and the solve.
     """
-    return psd_ridge_inverse(matrix, lam)(rhs)
+    return psd_ridge_inverse(matrix, lam, cache)(rhs)
 
 
 def noise_spectral_scale(dim: int, entry_std: float) -> float:
@@ -32,11 +33,16 @@ def noise_spectral_scale(dim: int, entry_std: float) -> float:
     return float(np.sqrt(dim) * entry_std)
 
 
-def psd_ridge_inverse(matrix: np.ndarray, lam: float):
-    """A function rhs ↦ (PSD(M) + λI)⁻¹ rhs, decomposing M once for many solves."""
+def psd_ridge_inverse(matrix: np.ndarray, lam: float, cache: StatisticsCache | None = None):
+    """A function rhs ↦ (PSD(M) + λI)⁻¹ rhs, decomposing M once for many solves.
+
+    With `cache`, a matrix decomposed before (bit for bit the same) is not decomposed again: exact, since
+    the same input gives the same decomposition. A benchmark meets the same released matrix many times
+    (seeded fits that differ only in λ or in later steps release the identical noisy Gram matrix), and each
+    decomposition costs seconds at d in the thousands."""
     if not lam > 0:
         raise ValueError(f"the ridge term must be > 0, got {lam}")
-    eigenvalues, vectors = _cached_eigh(matrix)
+    eigenvalues, vectors = _eigh(matrix) if cache is None else cache.decomposition("eigh", matrix, _eigh)
     inverse = 1.0 / (np.maximum(eigenvalues, 0.0) + lam)
 
     def solve(rhs: np.ndarray) -> np.ndarray:
@@ -44,47 +50,6 @@ def psd_ridge_inverse(matrix: np.ndarray, lam: float):
         return vectors @ (inverse.reshape((-1,) + (1,) * (projected.ndim - 1)) * projected)
 
     return solve
-
-
-# Decompositions kept by `reusing_decompositions`, keyed by the matrix's bytes; None when not enabled.
-_cache: collections.OrderedDict | None = None
-_cache_budget = 0
-
-
-@contextlib.contextmanager
-def reusing_decompositions(max_bytes: int = 2 << 30) -> Iterator[None]:
-    """Within the block, a matrix decomposed before (bit for bit the same) is not decomposed again.
-
-    Exact, not an approximation: the same input gives the same decomposition. A benchmark meets the same
-    released matrix many times — seeded fits that differ only in λ or in later steps release the
-    identical noisy Gram matrix — and each decomposition costs seconds at d in the thousands. Keys are
-    content digests, so no two different matrices (two noise draws) can share an entry. Holds
-    decompositions (8d² bytes each) up to `max_bytes`, least recently used first out.
-    """
-    global _cache, _cache_budget
-    previous = _cache, _cache_budget
-    _cache, _cache_budget = collections.OrderedDict(), max_bytes
-    try:
-        yield
-    finally:
-        _cache, _cache_budget = previous
-
-
-def _cached_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if _cache is None:
-        return _eigh(matrix)
-    matrix = np.ascontiguousarray(matrix)
-    key = (matrix.shape, matrix.dtype.str, hashlib.blake2b(matrix, digest_size=32).digest())
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    result = _eigh(matrix)
-    for array in result:
-        array.flags.writeable = False  # shared by every later fit that meets this matrix
-    _cache[key] = result
-    while sum(v.nbytes + w.nbytes for v, w in _cache.values()) > _cache_budget and _cache:
-        _cache.popitem(last=False)
-    return result
 
 
 def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

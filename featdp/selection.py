@@ -23,16 +23,27 @@ The algorithm, in the order it runs:
    Each run draws a candidate uniformly from the grid (another AES stream), fits it on the fit part with
    its own key (root.child("run", i)) and releases its score on the validation part:
    #correct + Gaussian noise (Δ = 1, multiplier σ_run).
-4. Domination. Every run is dominated in RDP, at every order of the RDP accountant, by one Gaussian
-   mechanism of multiplier σ_run: the score is exactly that Gaussian, and each candidate's noise scale
-   is the smallest (to 1e-4) for which its `dp_event` has RDP ≤ α/(2σ_run²) at every order α (full-batch
-   methods: the scale is σ_run, their event is one Gaussian of σ_eff = scale; Poisson-subsampled ones:
-   a bisection on dp-accounting's RDP curve). A neighbour's extra example lies in exactly one part, so a
-   run differs between neighbours either in its fit or in its score, never both (parallel composition):
-   its RDP is at most the larger of the two, i.e. at most the Gaussian's.
-5. Accounting. The selection is RepeatAndSelectDpEvent(GaussianDpEvent(σ_run), R, η), accounted by
-   dp-accounting's RDP accountant (Papernot–Steinke's Theorem 2), and σ_run is calibrated so that the
-   count and the selection (basic composition) plus the sampler's slack stay within the target.
+4. A run's RDP. A neighbour's extra example lies in exactly one part, so a run differs between
+   neighbours either in its fit or in its score, never both (parallel composition): its RDP at order α
+   is at most max(RDP_fit_j(α), RDP_score(α)) for the candidate j it drew. j is drawn independently of
+   the data, and the Rényi divergence of two mixtures with the same weights is at most the largest of
+   the components' (joint quasi-convexity), so a run's RDP is at most the per-order maximum over every
+   candidate's curve and the score's (`WorstOfDpEvent`; a candidate's curve is `rdp_upper_curve`).
+   The noise is planned by two rules, both sound (`plan_noise`), and the one giving the candidates the
+   smaller noise scales (geometric mean of the ratios) is used:
+   * domination: each candidate's scale is the smallest (to 1e-4) whose RDP is ≤ α/(2σ_run²) at every
+     order α, so the maximum is one Gaussian of multiplier σ_run (full-batch methods: scale σ_run);
+   * equal standalone privacy: each candidate's scale is the smallest (to 0.1%) at which it alone is as
+     private as the score Gaussian(σ_run) in (ε, δ) (RDP, at the selection's δ). A Poisson-subsampled
+     candidate then lies above the Gaussian at high orders and below it at low ones, where domination
+     had to give it more noise. With full-batch candidates only, the rules coincide (only domination
+     is computed).
+5. Accounting. The selection is RepeatAndSelectDpEvent(run, R, η): Papernot–Steinke's Theorem 2 maps
+   the run's RDP curve to the selection's, and the RDP curve gives ε at the selection's δ
+   (dp-accounting's RDP accountant for a Gaussian run, its map of the theorem on the per-order maximum
+   otherwise, `selection_epsilon`). σ_run is calibrated so that the count and the selection (basic
+   composition) plus the sampler's slack stay within the target; the ε reported is recomputed from the
+   plan's event, whose scales are the ones the runs use.
 6. Output. The best run (highest noisy score; ties go to the earlier run, which for i.i.d. runs is a
    uniformly random tie-break) — its head, its candidate and its noisy score — and nothing else.
 
@@ -45,7 +56,9 @@ coordinates actually drawn, which grow with K: it is bounded in advance, with th
 grid candidate (a dry run that releases zeros, see `release_coordinates`) and a public cap k_max on K
 whose tail P(K > k_max) ≤ ρ is added to δ (see `_slack`).
 
-Limitations: the train split is held in memory (split into two parts); the geometric K has a long tail
+Limitations: the train split is held in memory when it fits `featdp.data.IN_MEMORY_BUDGET_BYTES` (as
+`training.fit` holds it; the two parts are masks over it, not copies) and streamed from its file on every
+pass otherwise; the geometric K has a long tail
 (P(K > 3R) ≈ e⁻³), so the running time varies from run to run; the dry runs decompose one zero d×d matrix
 (seconds at d in the thousands); a candidate's RDP at each order is the least value dp-accounting states
 at that order or a higher one (`rdp_upper_curve`): near order 1 its series for Poisson-subsampled
@@ -63,15 +76,18 @@ import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import attr
 import mpmath
 import numpy as np
 from mpmath.ctx_mp import MPContext
 from absl import logging as absl_logging
 from dp_accounting import dp_event as events
+from dp_accounting.rdp import rdp_privacy_accountant
 
-from featdp import accounting, integer_gaussian, linalg, mechanism, report as report_lib
+from featdp import accounting, integer_gaussian, mechanism, report as report_lib
 from featdp.accounting import PrivacyParameterError, PrivacyTarget
-from featdp.data import ArraySource, DataError, FrozenArraySource, RowSource, TrainingData
+from featdp.cache import StatisticsCache
+from featdp.data import ArraySource, DataError, RowSource, RowSubset, TrainingData, maybe_in_memory
 from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
 from featdp.methods import HyperparameterError, Method, get_method, registry
 from featdp.randomness import BitStream
@@ -79,9 +95,9 @@ from featdp.training import (
     COUNT_DELTA_WHEN_DEFAULT, COUNT_SHARE, SAMPLER_RESERVE, CountRelease, LinearHead, release_count,
 )
 
-__all__ = ["Run", "RunsDistribution", "SelectionError", "SelectionResult", "build_candidates",
-           "dominating_noise_scale", "in_validation", "parse_grid", "release_coordinates", "select",
-           "selection_report"]
+__all__ = ["NoisePlan", "Run", "RunsDistribution", "SelectionError", "SelectionResult", "WorstOfDpEvent",
+           "build_candidates", "dominating_noise_scale", "in_validation", "parse_grid", "plan_noise",
+           "release_coordinates", "select", "selection_epsilon", "selection_report"]
 
 ACCOUNTANT = "rdp"  # Papernot–Steinke's bound is in Rényi DP; dp-accounting's PLD has no RepeatAndSelect
 DEFAULT_MEAN_RUNS = 10.0
@@ -119,23 +135,11 @@ def in_validation(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_parts(source: RowSource) -> tuple[FrozenArraySource, FrozenArraySource]:
-    """(fit part, validation part) of `source`, by `in_validation`."""
-    fit_x, fit_y, val_x, val_y = [], [], [], []
-    for x, y in source.blocks():
-        mask = in_validation(x, y)
-        fit_x.append(x[~mask])
-        fit_y.append(y[~mask])
-        val_x.append(x[mask])
-        val_y.append(y[mask])
-    d, k = source.feature_dim, source.num_classes
-
-    def part(xs, ys):
-        features = np.concatenate(xs) if xs else np.zeros((0, d), np.float32)
-        labels = np.concatenate(ys) if ys else np.zeros((0,), np.int64)
-        return FrozenArraySource(features, labels, k)
-
-    return part(fit_x, fit_y), part(val_x, val_y)
+def split_parts(source: RowSource) -> tuple[RowSubset, RowSubset]:
+    """(fit part, validation part) of `source`, by `in_validation`: masks over its rows, not copies."""
+    masks = [in_validation(x, y) for x, y in source.blocks()]
+    validation = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    return RowSubset(source, ~validation), RowSubset(source, validation)
 
 
 # ------------------------------------------------------------------------------------------ number of runs
@@ -424,6 +428,131 @@ def dominating_noise_scale(method: Method, sigma: float, public_size: float) -> 
     return hi
 
 
+# ------------------------------------------------------------------------------------- the runs' accounting
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class WorstOfDpEvent(events.DpEvent):
+    """One run whose RDP at every order is at most the largest of its components' (module docstring,
+    step 4): a candidate drawn independently of the data (joint quasi-convexity of the Rényi divergence),
+    fitted on one part and scored on the other (parallel composition). dp-accounting has no such event;
+    `selection_epsilon` accounts it."""
+
+    components: list
+
+
+def run_rdp(event: events.DpEvent) -> tuple[np.ndarray, np.ndarray]:
+    """(orders, an upper bound on `event`'s RDP at each order): `rdp_upper_curve`, or for a
+    `WorstOfDpEvent` the per-order maximum of its components' curves."""
+    if isinstance(event, WorstOfDpEvent):
+        curves = [run_rdp(component) for component in event.components]
+        orders = curves[0][0]
+        if not all(np.array_equal(orders, other) for other, _ in curves):
+            raise ValueError("the components' RDP curves are at different orders")
+        return orders, np.max([rdp for _, rdp in curves], axis=0)
+    return rdp_upper_curve(event)
+
+
+def selection_epsilon(event: events.RepeatAndSelectDpEvent, delta: float) -> float:
+    """ε at `delta` of random stopping over `event.event`'s runs, in RDP (Papernot–Steinke's Theorem 2).
+
+    A run described by an ordinary DpEvent is accounted by dp-accounting's RdpAccountant, as
+    `accounting.epsilon`; a `WorstOfDpEvent` run by dp-accounting's own map of the theorem applied to
+    `run_rdp`'s curve: `_compute_rdp_repeat_and_select` is private in dp-accounting 0.6.0, so
+    tests/test_selection.py pins it against the public RepeatAndSelectDpEvent path on a Gaussian."""
+    if not isinstance(event.event, WorstOfDpEvent):
+        return accounting.epsilon(event, delta, ACCOUNTANT)
+    orders, rdp = run_rdp(event.event)
+    selected = rdp_privacy_accountant._compute_rdp_repeat_and_select(orders, rdp, event.mean, event.shape)
+    return float(rdp_privacy_accountant.compute_epsilon(orders, selected, delta)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisePlan:
+    """The noise of every run: the score's multiplier σ_run and each candidate's noise scale, with the
+    event that accounts them and its ε at the selection's δ (never above the selection's budget)."""
+
+    rule: str  # "domination" or "equal standalone privacy" (module docstring, step 4)
+    run_noise_multiplier: float
+    scales: tuple[float, ...]  # per candidate, in the grid's order
+    event: events.RepeatAndSelectDpEvent
+    epsilon: float
+
+    def candidate_events(self, candidates: Sequence[Method], public_size: float) -> list[events.DpEvent]:
+        return [m.dp_event(s, public_size) for m, s in zip(candidates, self.scales)]
+
+
+def domination_plan(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
+                    public_size: float) -> NoisePlan:
+    """Every run under one Gaussian(σ_run) at every order: σ_run calibrated on
+    RepeatAndSelect(Gaussian(σ_run)), each candidate's scale the least it dominates."""
+    make_event = lambda s: distribution.dp_event(events.GaussianDpEvent(s))  # noqa: E731
+    calibration = accounting.calibrate(make_event, budget, delta, ACCOUNTANT)
+    sigma = calibration.noise_scale
+    scales = tuple(dominating_noise_scale(m, sigma, public_size) for m in candidates)
+    return NoisePlan("domination", sigma, scales, calibration.event, calibration.epsilon)
+
+
+def _is_full_batch(method: Method, public_size: float) -> bool:
+    return accounting.ExactGaussianAccountant().supports(method.dp_event(1.0, public_size))
+
+
+def equal_privacy_scales(candidates: Sequence[Method], sigma: float, delta: float,
+                         public_size: float) -> tuple[float, ...]:
+    """Each candidate's least scale (to 0.1%) at which it alone is (ε_σ, δ)-DP in RDP, ε_σ being
+    Gaussian(σ)'s: full-batch candidates get exactly Gaussian(σ)'s σ_eff."""
+    target = accounting.epsilon(events.GaussianDpEvent(sigma), delta, ACCOUNTANT)
+    scales = []
+    for method in candidates:
+        make = functools.partial(method.dp_event, num_examples=public_size)
+        if _is_full_batch(method, public_size):  # σ_eff is linear in the scale
+            exact = accounting.ExactGaussianAccountant().compose(make(1.0))
+            scales.append(sigma / exact.effective_sigma)
+        else:
+            with _quiet_accountant():
+                scales.append(accounting.calibrate(make, target, delta, ACCOUNTANT).noise_scale)
+    return tuple(scales)
+
+
+def equal_privacy_plan(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
+                       public_size: float, start: float = 2.0) -> NoisePlan:
+    """Every candidate and the score at the same standalone (ε_s, δ) (`equal_privacy_scales`), the run
+    accounted as the per-order maximum of their curves (`WorstOfDpEvent`), σ_run calibrated on that."""
+
+    @functools.lru_cache(maxsize=None)
+    def event_at(sigma: float) -> tuple[tuple[float, ...], events.RepeatAndSelectDpEvent]:
+        scales = equal_privacy_scales(candidates, sigma, delta, public_size)
+        parts = [m.dp_event(s, public_size) for m, s in zip(candidates, scales)] + [events.GaussianDpEvent(sigma)]
+        return scales, distribution.dp_event(WorstOfDpEvent(parts))
+
+    sigma, epsilon = accounting.calibrate_function(
+        lambda s: selection_epsilon(event_at(s)[1], delta), budget, delta, start)
+    scales, event = event_at(sigma)
+    return NoisePlan("equal standalone privacy", sigma, scales, event, epsilon)
+
+
+def plan_noise(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
+               public_size: float) -> tuple[NoisePlan, NoisePlan | None]:
+    """(the plan used, the other one or None): both plans are sound; the one whose candidates' noise
+    scales are smaller in geometric mean (each candidate's ratio between the plans) is used, domination
+    on a tie. With full-batch candidates only the two coincide (equal ε ⇔ equal σ_eff) and only
+    domination is computed."""
+    dominated = domination_plan(candidates, distribution, budget, delta, public_size)
+    if all(_is_full_batch(m, public_size) for m in candidates):
+        return dominated, None
+    equal = equal_privacy_plan(candidates, distribution, budget, delta, public_size,
+                               start=dominated.run_noise_multiplier)
+    log_ratio = np.mean(np.log(np.asarray(equal.scales) / np.asarray(dominated.scales)))
+    return (equal, dominated) if log_ratio < 0 else (dominated, equal)
+
+
+def _describe_plan(plan: NoisePlan) -> str:
+    if plan.rule == "domination":
+        return "rdp (dp-accounting RdpAccountant, default orders: RepeatAndSelectDpEvent of the dominating Gaussian)"
+    return ("rdp (per-order maximum of the candidates' and the score's RDP curves from dp-accounting's "
+            "RdpAccountant, default orders, mapped by dp-accounting's Papernot-Steinke Theorem 2)")
+
+
 # ------------------------------------------------------------------------------------ coordinates and slack
 
 
@@ -449,14 +578,16 @@ class _ZeroReleaser:
         return np.ones(rows, dtype=bool)
 
 
-def release_coordinates(method: Method, feature_dim: int, num_classes: int, public_size: float) -> int:
+def release_coordinates(method: Method, feature_dim: int, num_classes: int, public_size: float,
+                        cache: StatisticsCache | None = None) -> int:
     """The noisy coordinates one fit of `method` draws on data of this shape (a dry run on one zero row).
 
-    The zero matrices it decomposes are the same for every candidate, so callers wrap a batch of dry runs
-    in `linalg.reusing_decompositions()`."""
+    The zero matrices it decomposes are the same for every candidate, so callers pass a batch of dry runs
+    one `cache` (keeping decompositions only: each dry run's zero row is a new source)."""
     source = ArraySource(np.zeros((1, feature_dim), np.float32), np.zeros(1, np.int64), num_classes)
     releaser = _ZeroReleaser()
-    method.fit(TrainingData(source, method.preprocessing(), public_num_examples=public_size), 1.0, releaser)
+    data = TrainingData(source, method.preprocessing(), public_num_examples=public_size, cache=cache)
+    method.fit(data, 1.0, releaser)
     return releaser.coordinates
 
 
@@ -512,7 +643,7 @@ class SelectionPrivacy:
     delta: float
     count_epsilon: float
     count_delta: float
-    selection_epsilon: float  # RDP accountant, RepeatAndSelect(Gaussian(σ_run), R, η) at selection_delta
+    selection_epsilon: float  # RDP, `selection_epsilon` of the plan's RepeatAndSelect event at selection_delta
     selection_delta: float
     coordinates_bound: int  # M*: noisy coordinates drawn unless K > runs_cap
     runs_cap: int  # k_max
@@ -530,6 +661,8 @@ class SelectionResult(LinearHead):
     candidates: list[Method]
     noise_multiplier: float  # σ_run
     calibration: accounting.Calibration  # of σ_run against the selection's share
+    plan: NoisePlan  # every candidate's noise scale and the run event accounted
+    alternative_plan: NoisePlan | None  # the plan not used (None: both coincide), for comparison
     count: CountRelease
     privacy: SelectionPrivacy
     target: PrivacyTarget  # with δ resolved
@@ -545,10 +678,14 @@ class SelectionResult(LinearHead):
         return self.calibration.event
 
 
-def _predict(method: Method, weights: np.ndarray, features: np.ndarray) -> np.ndarray:
-    if len(features) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.argmax(method.preprocessing()(features) @ weights.astype(np.float32), axis=1)
+def _correct(method: Method, weights: np.ndarray, part: RowSource) -> int:
+    """How many rows of `part` the head predicts right, block by block."""
+    preprocess, weights = method.preprocessing(), weights.astype(np.float32)
+    correct = 0
+    for x, y in part.blocks():
+        if len(y):
+            correct += int(np.sum(np.argmax(preprocess(x) @ weights, axis=1) == y))
+    return correct
 
 
 def select(
@@ -563,11 +700,14 @@ def select(
     seed: int | None = None,
     accountant: str = ACCOUNTANT,
     on_run: Callable[[int, int], None] | None = None,
+    cache: StatisticsCache | None = None,
 ) -> SelectionResult:
     """Private selection among `methods` (× `grid`) on `train` with (ε, δ)-DP overall (module docstring).
 
     `on_run(done, total)` is called before the first run and after each: `total` is K, which the
-    guarantee does not cover — show it to the operator, never publish it."""
+    guarantee does not cover — show it to the operator, never publish it. `cache`: exact pre-noise
+    statistics shared with other fits and selections on `train` (`training.fit`'s `cache`); the runs of
+    one selection share theirs in any case."""
     if isinstance(methods, str):
         methods = (methods,)
     target = PrivacyTarget(epsilon, delta, accountant)
@@ -583,7 +723,12 @@ def select(
         raise DataError("the training split is empty: there is nothing to tune on")
     started = time.perf_counter()
     key = make_key(seed)
-    fit_part, validation_part = split_parts(train)  # reads (and validates) every row before anything runs
+    # Held once, where `fit` would hold it (the caller's rows as they are with a cache): the parts are masks.
+    source = train if cache is not None else maybe_in_memory(train)
+    fit_part, validation_part = split_parts(source)  # reads (and validates) every row before anything runs
+    # The runs share the fit part's exact statistics; their released matrices never recur (each run draws
+    # its own noise), so no decomposition is kept.
+    runs_cache = (cache if cache is not None else StatisticsCache()).statistics_only()
 
     # 1. The count, exactly as `training.fit` releases it.
     count_releaser = Releaser(key)
@@ -599,9 +744,9 @@ def select(
 
     # 2. Candidates, and the coordinates each fit draws (public: shapes depend on d, K and the candidate).
     candidates = build_candidates(methods, grid, public_fit_size)
-    with linalg.reusing_decompositions():
-        coordinates = [release_coordinates(m, train.feature_dim, train.num_classes, public_fit_size) + 1
-                       for m in candidates]  # + 1: the score
+    dry_runs = StatisticsCache(statistics=False)
+    coordinates = [release_coordinates(m, train.feature_dim, train.num_classes, public_fit_size, dry_runs) + 1
+                   for m in candidates]  # + 1: the score
 
     # 3. The budget: the sampler's slack is bounded first (it must not depend on K), the rest calibrates σ_run.
     remaining_epsilon = target.epsilon - count.epsilon
@@ -630,15 +775,22 @@ def select(
             "--eps or lower --mean-runs"
         )
     try:
-        calibration = accounting.calibrate(make_event, selection_budget, selection_delta, ACCOUNTANT)
+        plan, alternative = plan_noise(candidates, distribution, selection_budget, selection_delta, public_fit_size)
     except PrivacyParameterError as error:
         raise PrivacyParameterError(f"{too_small}: {error}") from error
-    sigma = calibration.noise_scale
+    # What runs is what is accounted: recomputed from the plan's event, never taken from the search.
+    reached = selection_epsilon(plan.event, selection_delta)
+    if not reached <= selection_budget:
+        raise AssertionError(f"the selection's epsilon {reached} exceeds its budget {selection_budget}")
+    sigma = plan.run_noise_multiplier
+    calibration = accounting.Calibration(
+        noise_scale=sigma, epsilon=reached, target_epsilon=selection_budget, delta=selection_delta,
+        accountant=_describe_plan(plan), event=plan.event,
+    )
 
     # 4. The runs.
     num_runs = distribution.sample(key.child("selection", "number of runs").stream())
     choices = key.child("selection", "candidates").stream()
-    scales: dict[int, float] = {}
     runs: list[Run] = []
     best: Run | None = None
     best_weights = best_releases = None
@@ -648,21 +800,19 @@ def select(
         run_started = time.perf_counter()
         choice = uniform_index(choices, len(candidates))
         method = candidates[choice]
-        if choice not in scales:
-            scales[choice] = dominating_noise_scale(method, sigma, public_fit_size)
         releaser = Releaser(key.child("run", index))
-        data = TrainingData(fit_part, method.preprocessing(), public_num_examples=public_fit_size)
-        weights = np.asarray(method.fit(data, scales[choice], releaser), dtype=np.float64)
+        data = TrainingData(fit_part, method.preprocessing(), public_num_examples=public_fit_size, cache=runs_cache)
+        weights = np.asarray(method.fit(data, plan.scales[choice], releaser), dtype=np.float64)
         if sum(r.coordinates for r in releaser.releases) + 1 != coordinates[choice]:
             raise RuntimeError(
                 f"method {method.name!r} released other shapes than its dry run: its releases depend on the data"
             )
         if not np.all(np.isfinite(weights)):
             weights = np.zeros_like(weights)  # post-processing of its releases: a non-finite head scores as zeros
-        correct = int(np.sum(_predict(method, weights, validation_part.features) == validation_part.labels))
+        correct = _correct(method, weights, validation_part)
         noisy = float(releaser.release("validation_correct", np.array([float(correct)]), sensitivity=1.0,
                                        noise_multiplier=sigma)[0])
-        run = Run(index, method, scales[choice], noisy, coordinates[choice], time.perf_counter() - run_started)
+        run = Run(index, method, plan.scales[choice], noisy, coordinates[choice], time.perf_counter() - run_started)
         runs.append(run)
         if best is None or run.noisy_correct > best.noisy_correct:
             best, best_weights, best_releases = run, weights, list(releaser.releases)
@@ -679,6 +829,7 @@ def select(
     return SelectionResult(
         method=best.method, weights=np.asarray(best_weights, np.float32), best=best, runs=runs, num_runs=num_runs,
         distribution=distribution, candidates=candidates, noise_multiplier=sigma, calibration=calibration,
+        plan=plan, alternative_plan=alternative,
         count=count, privacy=privacy, target=target, public_fit_size=public_fit_size,
         public_validation_size=public_validation_size, releases=list(count_releaser.releases) + best_releases,
         seeded=key.seeded, seconds=time.perf_counter() - started, num_examples=n,
@@ -686,6 +837,20 @@ def select(
 
 
 # ------------------------------------------------------------------------------------------------- report
+
+
+_RUN_ACCOUNTING = {
+    "domination": "every run is dominated in RDP, at every order of the accountant, by GaussianDpEvent({sigma:.6g}): "
+                  "its score is that Gaussian (sensitivity 1) and each candidate's noise scale is the smallest whose "
+                  "event stays under it; a neighbour's example lies in one part only, so a run pays for its fit "
+                  "or its score, not both",
+    "equal standalone privacy": "each run's RDP at each order is at most the largest of the candidates' and the "
+                                "score's (GaussianDpEvent({sigma:.6g}), sensitivity 1): a neighbour's example lies "
+                                "in one part only, so a run pays for its fit or its score, not both, and the "
+                                "candidate is drawn independently of the data (a uniform mixture's Renyi divergence "
+                                "is at most its components' largest); every candidate's noise scale makes it alone "
+                                "as private as the score",
+}
 
 
 def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
@@ -716,12 +881,9 @@ def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
             "number_of_runs": "withheld: the guarantee is for the best run alone, with K and the other runs "
                               "hidden",
             "run_noise_multiplier": result.noise_multiplier,
-            "domination": "every run is dominated in RDP, at every order of the accountant, by "
-                          f"GaussianDpEvent({result.noise_multiplier:.6g}): its score is that Gaussian "
-                          "(sensitivity 1) and each candidate's noise scale is the smallest whose event stays "
-                          "under it; a neighbour's example lies in one part only, so a run pays for its fit "
-                          "or its score, not both",
-            "candidates": [{"method": m.name, "hyperparameters": m.hyperparameters()} for m in result.candidates],
+            "run_accounting": _RUN_ACCOUNTING[result.plan.rule].format(sigma=result.noise_multiplier),
+            "candidates": [{"method": m.name, "hyperparameters": m.hyperparameters(), "noise_scale": scale}
+                           for m, scale in zip(result.candidates, result.plan.scales)],
             "split": {
                 "rule": "validation iff the first 8 bytes of BLAKE2b(key=" + repr(SPLIT_KEY.decode()) + ", the "
                         "row's float32 features (little-endian) + its int64 label), little-endian, are < "

@@ -29,18 +29,13 @@ def one_hot(y: np.ndarray, num_classes: int, dtype=np.float32) -> np.ndarray:
 
 def second_moments(data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) = (Σ x_i x_iᵀ, Σ x_i e_{y_i}ᵀ) in one pass of `data.backend` (float32 per block, float64 or
-    compensated sums across blocks: `featdp.backend`); computed once per preprocessing and backend for a
-    `FrozenArraySource` (whose rows cannot change)."""
-    memo = getattr(data.source, "memo", None)
+    compensated sums across blocks: `featdp.backend`); with `data.cache`, computed once per rows,
+    preprocessing, backend and block size, and then read-only (shared by later fits)."""
     backend = data.backend
-    key = ("second_moments", data.preprocessing, backend.name)
-    if memo is not None and key in memo:
-        return memo[key]
-    gram, cross = backend.second_moments(data)
-    if memo is not None:
-        gram.flags.writeable = cross.flags.writeable = False  # shared by later fits: nobody may change them
-        memo[key] = (gram, cross)
-    return gram, cross
+    if data.cache is None:
+        return backend.second_moments(data)
+    key = ("second moments", data.preprocessing, backend.name, data.block_rows)
+    return data.cache.statistic(data.source, key, lambda: backend.second_moments(data))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -17,12 +17,15 @@ import time
 import numpy as np
 from dp_accounting import dp_event as events
 
-from featdp import accounting
+from featdp import accounting, distributed, progress
+from featdp.cache import StatisticsCache
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.backend import resolve as resolve_backend
-from featdp.data import ArraySource, DataError, RowSource, TrainingData, maybe_in_memory
+from featdp.data import (
+    DEFAULT_BLOCK_ROWS, PIECE_BYTES, ArraySource, DataError, RowSource, TrainingData, maybe_in_memory,
+)
 from featdp.featurefile import check_allocation
-from featdp.mechanism import Release, Releaser, ReleaserInterface, make_key, sampling_slack
+from featdp.mechanism import Release, Releaser, ReleaserInterface, sampling_slack
 from featdp.methods import Method, get_method
 
 __all__ = ["CountRelease", "DeltaWarning", "FitResult", "LinearHead", "PrivacySpent", "default_delta", "fit", "fit_arrays",
@@ -76,9 +79,12 @@ class LinearHead:
         return np.argmax(self.decision_function(features), axis=1)
 
     def accuracy(self, source: RowSource) -> float:
+        # A piece of rows at a time: the preprocessed copy of a whole block would be as large as a pass's.
+        rows = max(1, PIECE_BYTES // (4 * max(source.feature_dim, 1)))
         correct = 0
         for x, y in source.blocks():
-            correct += int(np.sum(self.predict(x) == y))
+            for start in range(0, len(y), rows):
+                correct += int(np.sum(self.predict(x[start : start + rows]) == y[start : start + rows]))
         return correct / max(source.num_examples, 1)
 
 
@@ -115,35 +121,66 @@ def fit(
     hyperparameters: dict | None = None,
     releaser: ReleaserInterface | None = None,
     device: str = "auto",
+    cache: StatisticsCache | None = None,
+    processes: distributed.LocalGroup | distributed.ProcessGroup | None = None,
+    block_rows: int | None = None,
 ) -> FitResult:
     """Trains `method` on `train` with (ε, δ)-DP; noise comes from the OS unless `seed` is given.
 
     `releaser` replaces the one built from the seed (an audit's recorder, say). `device` chooses where the
     passes over the data run (`featdp.backend.DEVICES`: "auto" is an accelerator if JAX has one, else
-    numpy on the CPU); noise is always drawn on the host."""
+    numpy on the CPU); noise is always drawn on the host.
+
+    `train` is held in memory when it fits `featdp.data.IN_MEMORY_BUDGET_BYTES` and streamed otherwise.
+    With `cache` (`featdp.cache.StatisticsCache`) the fit reuses exact pre-noise statistics of `train`
+    computed by earlier fits sharing it, and uses `train` where it is (its holder chose); the result is
+    the same, bit for bit, and the noise is still this fit's own.
+
+    `processes` (`featdp.distributed`): `train` is this process's share of the rows, starting at global
+    row `train.first_row`, a multiple of `block_rows` (`featdp.data.DEFAULT_BLOCK_ROWS` by default); every
+    statistic, the count ñ included, is summed over the processes before its single noisy release
+    (`distributed.SummingReleaser`), so every process gets the same head, and the same head as one process
+    with the same seed (up to float64 summation order: `featdp.distributed`)."""
     if isinstance(method, str):
         method = get_method(method, **(hyperparameters or {}))
     elif hyperparameters:
         method = dataclasses.replace(method, **hyperparameters)
-    n = train.num_examples
+    group = processes if processes is not None else distributed.LOCAL
+    if group.count > 1 and not method.private:
+        raise distributed.DistributedError(
+            f"method {method.name!r} is a non-private reference, which runs on one process only; drop "
+            "--num-processes (or pass --num-processes 1)"
+        )
+    # Row blocks: the caller's, or TrainingData's own default; several processes need the size they align to.
+    blocks = {} if block_rows is None and group.count == 1 else {"block_rows": block_rows or DEFAULT_BLOCK_ROWS}
+    local_n = train.num_examples
+    n = group.total(local_n)
     if n == 0:
         raise DataError("the training split is empty: there is nothing to fit")
     check_allocation(working_memory_bytes(method, train.feature_dim, train.num_classes),
                      f"method {method.name!r} at d = {train.feature_dim}, K = {train.num_classes}")
     backend = resolve_backend(device)
-    key = make_key(seed)
+    key = group.shared_key(seed)
     releaser = releaser if releaser is not None else Releaser(key)
-    source = maybe_in_memory(train)
+    releaser = group.releaser(releaser, getattr(train, "first_row", 0), blocks.get("block_rows", DEFAULT_BLOCK_ROWS))
+    # Progress over the fit's phases (read, [count, calibrate,] train); the method reports its own loops.
+    task, phases = f"fit {method.name}", 4 if method.private else 2
+    progress.report(task, 0, phases, "reading the train split")
+    source = train if cache is not None else maybe_in_memory(train)
     if not method.private:
+        progress.report(task, 1, phases, "training")
         start = time.perf_counter()
-        data = TrainingData(source, method.preprocessing(), public_num_examples=n, device=backend)
+        data = TrainingData(source, method.preprocessing(), public_num_examples=n, device=backend, cache=cache,
+                            **blocks)
         weights = method.fit(data, 0.0, releaser)
+        progress.report(task, phases, phases)
         return _result(method, weights, n, releaser, None, key.seeded, time.perf_counter() - start)
     if epsilon is None:
         raise accounting.PrivacyParameterError(f"method {method.name!r} is private: epsilon is required")
     target = PrivacyTarget(epsilon, delta, accountant)
     count_delta = COUNT_SHARE * target.delta if target.delta is not None else COUNT_DELTA_WHEN_DEFAULT
-    count = release_count(n, releaser, COUNT_SHARE * target.epsilon, count_delta)
+    progress.report(task, 1, phases, "releasing the example count")
+    count = release_count(local_n, releaser, COUNT_SHARE * target.epsilon, count_delta)  # summed: n
     target = target.with_default_delta(count.upper_bound)
     if target.delta <= 2 * count.delta:
         raise accounting.PrivacyParameterError(
@@ -151,13 +188,17 @@ def fit(
         )
     method_epsilon = (target.epsilon - count.epsilon) * (1 - SAMPLER_RESERVE)
     method_delta = (target.delta - count.delta) * (1 - SAMPLER_RESERVE)
+    progress.report(task, 2, phases, "calibrating the noise")
     calibration = accounting.calibrate(
         lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant
     )
-    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend)
+    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend,
+                        cache=cache, **blocks)
+    progress.report(task, 3, phases, "training")
     start = time.perf_counter()
     weights = method.fit(data, calibration.noise_scale, releaser)
     elapsed = time.perf_counter() - start
+    progress.report(task, phases, phases)
     ideal_epsilon, ideal_delta = count.epsilon + calibration.epsilon, count.delta + method_delta
     spent_epsilon, spent_delta = sampling_slack(releaser.releases, ideal_epsilon, ideal_delta)
     privacy = PrivacySpent(spent_epsilon, spent_delta, ideal_epsilon, ideal_delta,

@@ -57,6 +57,29 @@ def test_calibrate_is_tight_and_never_above_target(accountant):
         assert accounting.epsilon(three_gaussians(calibration.noise_scale * 0.99), 1e-6, accountant) > target * 0.999
 
 
+def subsampled_steps(sigma):
+    return events.SelfComposedDpEvent(events.PoissonSampledDpEvent(0.1, events.GaussianDpEvent(sigma)), 40)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("target", [0.3, 8.0])
+def test_calibrating_subsampled_steps_brackets_the_scale_with_the_real_accountant(accountant, target):
+    """The search locates the scale with a cheaper accountant (a coarser PLD grid at ε = 8, RDP's integer
+    orders); the scale returned must still meet the target under the accountant `epsilon` uses, 0.1%
+    less noise must not, and the ε reported must be that accountant's."""
+    calibration = accounting.calibrate(subsampled_steps, target, 1e-5, accountant)
+    reached = accounting.epsilon(subsampled_steps(calibration.noise_scale), 1e-5, accountant)
+    assert calibration.epsilon == reached <= target
+    assert accounting.epsilon(subsampled_steps(calibration.noise_scale / 1.001), 1e-5, accountant) > target
+
+
+# dp-accounting's closed-form Gaussian ε takes log1p(−1) = −inf on its way at very large σ, as intended.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log1p:RuntimeWarning")
+def test_calibration_reports_targets_no_scale_can_meet():
+    with pytest.raises(accounting.PrivacyParameterError, match="pure noise"):
+        accounting.calibrate(subsampled_steps, 1e-9, 1e-12, "rdp")
+
+
 @pytest.mark.parametrize(
     "epsilon, delta, accountant, fragment",
     [

@@ -247,7 +247,7 @@ def test_cli_exits_1_when_the_bound_exceeds_the_claim(monkeypatch):
     (("--method", "nope", "--eps", 1), "unknown method"),
     (("--method", "ridge", "--eps", 1), "non-private"),
     (("--method", "dp-ls", "--eps", 1, "--mode", "grey-box"), "--mode"),
-    (("--method", "dp-ls", "--eps", 1, "--score", "vibes"), "score must"),
+    (("--method", "dp-ls", "--eps", 1, "--score", "vibes"), "'vibes' is not one of 'releases', 'head'"),
     (("--method", "dp-ls", "--eps", 1, "--set", "lam=-1"), "lam"),
     (("--method", "dp-ls", "--eps", 1, "--confidence", 1.2), "confidence"),
 ])

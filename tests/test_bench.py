@@ -15,7 +15,8 @@ from conftest import make_blobs
 from featdp.bench import report, tuning
 from featdp.accounting import PrivacyParameterError
 from featdp.bench.runner import BenchConfig, BenchError, BenchRow, private_tuning_seed, run_bench
-from featdp.data import FrozenArraySource, Preprocessing, TrainingData
+from featdp.cache import StatisticsCache
+from featdp.data import ArraySource, Preprocessing, TrainingData
 from featdp.featurefile import write_features
 from featdp.methods import registry
 from featdp_cli.main import app
@@ -26,12 +27,14 @@ K = 3
 @pytest.fixture(scope="module")
 def splits():
     x, y = make_blobs(n=700, d=10, k=K, seed=3)
-    return FrozenArraySource(x[:500], y[:500], K), FrozenArraySource(x[500:], y[500:], K)
+    x.flags.writeable = False  # as `load_splits` holds them: the bench's cache relies on it
+    return ArraySource(x[:500], y[:500], K), ArraySource(x[500:], y[500:], K)
 
 
 @pytest.fixture(scope="module")
 def bench_result(splits):
-    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls", "dp-sgd", "ridge"))
+    config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls", "dp-sgd", "ridge"),
+                         references=False)
     return run_bench(*splits, config)
 
 
@@ -51,7 +54,7 @@ def test_every_method_epsilon_and_seed_gets_one_row_per_kind(bench_result):
 
 def test_seeds_make_rows_reproducible_and_distinct(splits, bench_result):
     again = run_bench(*splits, BenchConfig(epsilons=(1.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False,
-                                           private_tune=False))
+                                           private_tune=False, references=False))
     first = {(r.seed): r.accuracy for r in bench_result.rows
              if r.kind == "default" and r.method == "dp-ls" and r.epsilon == 1.0}
     assert {r.seed: r.accuracy for r in again.rows} == first
@@ -72,10 +75,12 @@ def test_holdout_split_is_disjoint_covering_and_fixed(splits):
     train, _ = splits
     fit_part, held = tuning.split_holdout(train, 0.2)
     assert held.num_examples == 100 and fit_part.num_examples == 400
-    rows = {tuple(r) for r in np.vstack([fit_part.features, held.features]).round(6)}
-    assert rows == {tuple(r) for r in train.features.round(6)}
+    assert not (fit_part.mask & held.mask).any() and (fit_part.mask | held.mask).all()
+    assert fit_part.parent is train and held.parent is train  # masks over the rows, not copies
+    rows = np.vstack([x for x, _ in fit_part.blocks()])
+    np.testing.assert_array_equal(rows, train.features[fit_part.mask])
     again, _ = tuning.split_holdout(train, 0.2)
-    np.testing.assert_array_equal(again.features, fit_part.features)
+    np.testing.assert_array_equal(again.mask, fit_part.mask)
 
 
 def test_choose_picks_the_best_held_out_candidate(splits):
@@ -90,13 +95,13 @@ def test_the_gram_pass_is_computed_once_and_read_only(splits):
     from featdp import stats
 
     train, _ = splits
-    data = TrainingData(train, Preprocessing())
-    first = stats.second_moments(data)
-    assert stats.second_moments(data)[0] is first[0]
+    cache = StatisticsCache()
+    first = stats.second_moments(TrainingData(train, Preprocessing(), cache=cache))
+    assert stats.second_moments(TrainingData(train, Preprocessing(), cache=cache))[0] is first[0]
     with pytest.raises(ValueError):
         first[0][0, 0] = 1.0
-    with pytest.raises(ValueError):
-        train.features[0, 0] = 1.0
+    # Without a cache, every fit computes its own.
+    assert stats.second_moments(TrainingData(train, Preprocessing()))[0] is not first[0]
 
 
 def test_report_files(bench_result, tmp_path):
@@ -198,8 +203,6 @@ def test_tuned_candidates_are_rebuilt_for_the_full_train_split(splits):
 
 def test_reused_decompositions_change_no_result(splits, bench_result, monkeypatch):
     """The bench decomposes each distinct released matrix once; every row equals a fit without the cache."""
-    import contextlib
-
     from featdp import linalg
 
     calls = []
@@ -208,9 +211,8 @@ def test_reused_decompositions_change_no_result(splits, bench_result, monkeypatc
     config = BenchConfig(epsilons=(1.0, 8.0), delta=1e-4, seeds=2, methods=("dp-ls",), private_tune=False)
     cached = run_bench(*splits, config)
     with_cache = len(calls)
-    monkeypatch.setattr(linalg, "reusing_decompositions", lambda: contextlib.nullcontext())
     calls.clear()
-    uncached = run_bench(*splits, config)
+    uncached = run_bench(*splits, config, cache=StatisticsCache(max_bytes=0))  # keeps nothing
     assert [(r.kind, r.epsilon, r.seed, r.accuracy) for r in cached.rows] == \
         [(r.kind, r.epsilon, r.seed, r.accuracy) for r in uncached.rows]
     # Per ε: 2 default fits + one shared release for all λ candidates; tuned fits reuse the defaults'.
@@ -252,7 +254,7 @@ def test_private_tuned_rows_are_featdp_selection_seeded_per_row(splits, bench_re
 
 
 def test_private_tuned_rows_reproduce_with_the_seed(splits, bench_result):
-    config = BenchConfig(epsilons=(8.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False)
+    config = BenchConfig(epsilons=(8.0,), delta=1e-4, seeds=2, methods=("dp-ls",), tune=False, references=False)
     again = run_bench(*splits, config)
     assert {r.kind for r in again.rows} == {"default", "private-tuned"}
 
@@ -264,11 +266,12 @@ def test_private_tuned_rows_reproduce_with_the_seed(splits, bench_result):
 
 
 def test_mean_runs_is_a_public_setting(splits):
-    config = BenchConfig(epsilons=(4.0,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False, mean_runs=2)
+    config = BenchConfig(epsilons=(4.0,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False, mean_runs=2,
+                         references=False)
     rows = _private(run_bench(*splits, config).rows)
     assert [r.mean_runs for r in rows] == [2.0] and rows[0].epsilon_spent <= 4.0
     off = run_bench(*splits, BenchConfig(epsilons=(4.0,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False,
-                                         private_tune=False))
+                                         private_tune=False, references=False))
     assert {r.kind for r in off.rows} == {"default"}
     for bad in (0.5, float("nan"), True):
         with pytest.raises(BenchError, match="mean number of runs must be a finite number >= 1"):
@@ -277,7 +280,8 @@ def test_mean_runs_is_a_public_setting(splits):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, from the accountants' searches at a tiny ε
 def test_a_budget_too_small_to_tune_is_reported_not_fatal(splits):
-    result = run_bench(*splits, BenchConfig(epsilons=(1e-3,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False))
+    result = run_bench(*splits, BenchConfig(epsilons=(1e-3,), delta=1e-4, seeds=1, methods=("dp-ls",), tune=False,
+                                            references=False))
     assert [r.kind for r in result.rows] == ["default"]
     assert "too small to tune" in result.skipped["dp-ls private-tuned at ε = 0.001"]
 
@@ -300,7 +304,8 @@ def test_old_json_tuned_rows_read_back_as_oracle(bench_result):
 def test_cli_bench_private_tuning_options(tmp_path):
     path = _feature_file(tmp_path)
     result = CliRunner().invoke(app, ["bench", str(path), "--eps", "4", "--seeds", "1", "--methods", "dp-ls",
-                                      "--no-tune", "--mean-runs", "2", "--out", str(tmp_path / "out")])
+                                      "--no-references", "--no-tune", "--mean-runs", "2",
+                                      "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "f.md").read_text()
     assert "--mean-runs 2" in text and "| private-tuned | dp-ls |" in text and "dp-ls R = 2" in text
@@ -309,3 +314,26 @@ def test_cli_bench_private_tuning_options(tmp_path):
     bad = CliRunner().invoke(app, ["bench", str(path), "--eps", "4", "--seeds", "1", "--mean-runs", "0.5",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "mean number of runs" in bad.output and not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def test_splits_beyond_the_budget_are_streamed_with_the_same_rows(tmp_path):
+    from featdp.bench.runner import load_splits
+    from featdp.featurefile import Split
+
+    path = _feature_file(tmp_path)
+    train_bytes, test_bytes = 240 * 6 * 4, 60 * 6 * 4
+    held = load_splits(path)
+    assert all(isinstance(s, ArraySource) and not s.features.flags.writeable for s in held)
+    partly = load_splits(path, budget_bytes=train_bytes + test_bytes - 1)  # train held first, test streamed
+    assert isinstance(partly[0], ArraySource) and isinstance(partly[1], Split)
+    streamed = load_splits(path, budget_bytes=0)
+    assert all(isinstance(s, Split) for s in streamed)
+    config = BenchConfig(epsilons=(2.0,), delta=1e-4, seeds=2, methods=("dp-ls",), peers=("sklearn-logreg",))
+    in_memory, from_file = run_bench(*held, config), run_bench(*streamed, config)
+    # The same blocks, so the same sums and the same seeded noise: every row equal.
+    assert [(r.kind, r.method, r.seed, r.accuracy) for r in from_file.rows if r.kind != "peer"] == \
+        [(r.kind, r.method, r.seed, r.accuracy) for r in in_memory.rows if r.kind != "peer"]
+    assert "peer" not in {r.kind for r in from_file.rows} and "in memory" in from_file.skipped["sklearn-logreg"]

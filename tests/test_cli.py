@@ -203,6 +203,14 @@ def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
     for name in method_names(private=True):
         assert name in rows and len(rows[name].split("│")) == 6, result.output  # method, 2 ε, seconds
     assert "dp-sgd (Tramèr–Boneh recipe)" in rows and "logreg (non-private)" in rows
+    # Each row is printed as soon as its fits are done, before the table that gathers them.
+    lines = result.output.splitlines()
+    table_starts = next(i for i, line in enumerate(lines) if "Fashion-MNIST test top-1" in line)
+    early = [line.split()[0] for line in lines[:table_starts] if line.startswith("    ") and "fit " in line]
+    assert early == [*method_names(private=True), "dp-sgd", "logreg", "ridge"], result.output
+    # The recipe's command is one line, pasteable as it is.
+    assert any("`featdp fit --method dp-sgd --set clip_norm=63 --set steps=293 --set batch_size=5 --set "
+               "grad_clip=0.1 --set lr=16 --set momentum=0.9`" in line for line in lines), result.output
     reports = sorted(p.parent.name for p in out.glob("*/privacy_report.json"))
     assert "dp-sgd-recipe_eps2" in reports and "dp-newton_eps0.5" in reports
     report = json.loads((out / "dp-sgd-recipe_eps2" / "privacy_report.json").read_text())
@@ -428,5 +436,133 @@ def test_zero_extract_workers_load_in_this_process(tmp_path):
 
 def test_an_unknown_device_is_an_error_line(features, tmp_path):
     result = invoke("fit", features, "--method", "dp-ls", "--eps", "1", "--device", "abacus", "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "error: device must be one of" in result.output, result.output
+    assert result.exit_code == 2 and "error: Invalid value for '--device'" in result.output, result.output
+    assert "'abacus' is not one of 'auto', 'cpu'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+# --- what a user sees on long or unattended work (issue 12, item 9) ---------------------------------------
+
+
+def test_extract_off_a_terminal_prints_few_unwrapped_lines_and_says_when_there_is_nothing_to_do(tmp_path):
+    pytest.importorskip("kymatio")
+    root = _image_folder(tmp_path / "images", per_class=3)
+    # A path longer than rich's default 80 columns: it must come out on one line, pasteable.
+    out = tmp_path / ("a-directory-with-a-long-name-" * 3) / "features.h5"
+    out.parent.mkdir()
+    args = ["extract", "--backbone", "scatternet", "--dataset", f"folder:{root}", "--workers", "0",
+            "--batch-size", "1", "--out", out]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    # Six batches: one line for the finished split, not one per batch (time-throttled; the test is quick).
+    progress = [line for line in lines if "train" in line and "/6" in line]
+    assert len(progress) == 1 and "train 6/6" in progress[0] and "img/s" in progress[0], result.output
+    assert f"wrote {out}" in lines, result.output
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "train: already complete (6 rows)" in again.output and f"already complete: {out} (nothing to extract)" in (
+        again.output.splitlines()), again.output
+    assert "img/s" not in again.output and "wrote" not in again.output
+
+
+def test_info_shows_an_unfinished_split_as_rows_done_of_the_declared_total(tmp_path):
+    from featdp.featurefile import FeatureWriter
+
+    path = tmp_path / "partial.h5"
+    x, y = np.ones((30, 4), np.float32), np.zeros(30, np.int64)
+    with FeatureWriter(path, feature_dim=4, num_classes=2) as writer:
+        writer.create_split("train", 100)
+        writer.append("train", x, y, np.arange(30))
+    result = invoke("info", path)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "train" in line)
+    assert "30 of 100" in row and "unfinished" in row, result.output
+
+
+def test_fit_says_when_it_replaces_a_previous_head_and_report(features, monkeypatch):
+    monkeypatch.chdir(features.parent)
+    first = invoke("fit", "--method", "dp-ls", "--eps", "1")  # the default --out, heads/dp-ls_eps1
+    assert first.exit_code == 0 and "replaced" not in first.output, first.output
+    again = invoke("fit", "--method", "dp-ls", "--eps", "1")
+    assert again.exit_code == 0, again.output
+    assert "the previous head and report in heads/dp-ls_eps1" in " ".join(again.output.split()), again.output
+
+
+def _commands():
+    import typer.main
+
+    from featdp_cli.main import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_every_option_of_every_command_has_help_and_no_flag_shows_a_bool_metavar():
+    for name, command in _commands().items():
+        for param in command.params:
+            assert getattr(param, "help", None), f"featdp {name}: {param.name} has no help text"
+        result = invoke(name, "--help")
+        assert result.exit_code == 0 and "<bool>" not in result.output, result.output
+    assert "--overwrite / --no-overwrite" in invoke("extract", "--help").output
+    assert "--references / --no-references" in invoke("bench", "--help").output
+
+
+@pytest.mark.parametrize("command, option, choices", [
+    ("audit", "--mode", ("canary", "one-run", "white-box")),
+    ("audit", "--score", None),
+    ("audit", "--accountant", None),
+    ("fit", "--accountant", None),
+    ("fit", "--device", None),
+    ("tune", "--accountant", None),
+    ("bench", "--accountant", None),
+    ("extract", "--dtype", None),
+])
+def test_choice_options_list_the_library_choices_and_refuse_others_as_one_error_line(command, option, choices):
+    from featdp.accounting import ACCOUNTANTS
+    from featdp.audit.canary import SCORES
+    from featdp.backend import DEVICES
+    from featdp.extraction.extract import DTYPES
+
+    choices = choices or {"--score": SCORES, "--accountant": ACCOUNTANTS, "--device": DEVICES, "--dtype": DTYPES}[option]
+    assert f"{option} <{'|'.join(choices)}>" in invoke(command, "--help").output
+    required = {"audit": ["--method", "dp-ls", "--eps", "1"]}.get(command, [])
+    result = invoke(command, *required, option, "sideways")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: Invalid value for") and "'sideways'" in errors[0], errors
+    assert not result.exception or isinstance(result.exception, SystemExit)
+
+
+def test_methods_lists_every_hyperparameter_with_its_meaning():
+    import dataclasses
+
+    from featdp.methods import registry
+
+    output = " ".join(invoke("methods").output.split())
+    for name, cls in registry().items():
+        meanings = cls.hyperparameter_help()
+        assert list(meanings) == [f.name for f in dataclasses.fields(cls)]
+        for key, meaning in meanings.items():
+            assert meaning, f"{name}: hyperparameter {key} has no description"
+    for fragment in ("grad_clip", "C_g, the per-example gradient norm bound", "hessian_share", "(non-private)"):
+        assert fragment in output, output
+
+
+def test_bench_methods_keeps_the_non_private_references_unless_told_not_to(features, tmp_path):
+    args = ["bench", features, "--methods", "dp-ls", "--eps", "1", "--seeds", "1", "--no-tune", "--no-private-tune"]
+    result = invoke(*args, "--out", tmp_path / "with")
+    assert result.exit_code == 0, result.output
+    kinds = [line.split()[:2] for line in result.output.splitlines() if line.startswith("  ")]
+    assert ["non-private", "ridge"] in kinds and ["non-private", "logreg"] in kinds and ["default", "dp-ls"] in kinds
+    # Off a terminal the bench's progress ends with its last line: every row done.
+    assert any(line.endswith("bench rows 3/3") for line in result.output.splitlines()), result.output
+    result = invoke(*args, "--no-references", "--out", tmp_path / "without")
+    assert result.exit_code == 0 and "non-private" not in result.output.split("# featdp bench")[0], result.output
+    assert "--no-references" in (tmp_path / "without" / "features.md").read_text()
+
+
+def test_tune_off_a_terminal_prints_no_progress_so_its_number_of_runs_stays_out_of_logs(features, tmp_path):
+    result = invoke("tune", features, "--method", "dp-ls", "--eps", "1", "--mean-runs", "3", "--seed", "1",
+                    "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    assert not [line for line in result.output.splitlines() if line.startswith("[")], result.output

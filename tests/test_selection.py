@@ -13,7 +13,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from conftest import invoke, make_blobs, write_feature_file
 from featdp import accounting, selection
-from featdp.data import ArraySource, FrozenArraySource
+from featdp.data import ArraySource
 from featdp.methods import get_method
 from featdp.randomness import RootKey
 from featdp.training import COUNT_SHARE
@@ -22,7 +22,7 @@ from featdp.training import COUNT_SHARE
 @pytest.fixture(scope="module")
 def blobs():
     x, y = make_blobs(n=600, d=8, k=3)
-    return FrozenArraySource(x, y, 3)
+    return ArraySource(x, y, 3)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,8 @@ def test_the_split_is_a_function_of_each_example_alone():
     assert not np.array_equal(relabelled, mask)
     fit_part, validation_part = selection.split_parts(ArraySource(x, y, 5))
     assert validation_part.num_examples == mask.sum() and fit_part.num_examples == (~mask).sum()
-    assert np.array_equal(validation_part.features, x[mask])
+    assert np.array_equal(validation_part.mask, mask) and np.array_equal(fit_part.mask, ~mask)
+    assert np.array_equal(np.vstack([rows for rows, _ in validation_part.blocks()]), x[mask])
 
 
 def test_a_poisson_sampled_candidate_is_dominated_by_the_run_gaussian():

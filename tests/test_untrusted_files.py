@@ -247,7 +247,7 @@ def test_a_read_larger_than_memory_stops_with_a_message(tmp_path, monkeypatch):
     import featdp.featurefile as featurefile
 
     path = _good_file(tmp_path)
-    monkeypatch.setattr(featurefile, "available_memory", lambda: 1000)
+    monkeypatch.setattr(featurefile, "available_memory", lambda: 100)  # the 30 rows take 30 x (4·D + 8) bytes
     monkeypatch.setattr(featurefile, "_CHECKED_READ_BYTES", 0)
     with FeatureFile(path) as f, pytest.raises(AllocationError, match=r"reading rows \[0, 30\) of split 'train'"):
         f.split("train").read()

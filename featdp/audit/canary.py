@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from jax_privacy import auditing
 
-from featdp import accounting
+from featdp import accounting, progress
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.recording import Recorder, replay_contributions
 from featdp.audit.scores import head_margins, release_scores
@@ -101,7 +101,7 @@ def canary_audit(
     root = make_key(seed)
     scores = {False: [], True: []}
     ratio, post_processing = 0.0, True
-    for trial in range(trials):
+    for trial in progress.track(range(trials), "audit fits", trials):
         included = trial % 2 == 0
         recorder = Recorder(releaser(root.child("trial", trial)))
         weights = method.fit(worlds[included], scales[included], recorder)

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import scipy.stats
 
-from featdp import accounting
+from featdp import accounting, progress
 from featdp.audit.canary import check_audit_arguments
 from featdp.audit.design import AuditData, claimed_noise_scale
 from featdp.audit.recording import Recorder, independent_entries
@@ -85,7 +85,7 @@ def white_box_audit(
     root = make_key(seed)
     records: list[Release] | None = None
     noise: list[list[np.ndarray]] = []  # [release][trial]: standardized noise, full shape
-    for trial in range(trials):
+    for trial in progress.track(range(trials), "audit fits", trials):
         recorder = Recorder(releaser(root.child("trial", trial)))
         method.fit(train, scale, recorder)
         layout = [(r.name, r.shape, r.symmetric) for r in recorder.releases]

@@ -98,8 +98,9 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
             "a released count, then K runs with K geometric of public mean R, each a uniformly drawn "
             "candidate fitted on the 90% fit part of the train split (split by a per-example hash) and "
             "scored by a noisy count of correct predictions on the other 10%; the best run's head is "
-            "tested. The whole selection is within the column's (ε, δ), accounted as one "
-            "RepeatAndSelectDpEvent by the RDP accountant. Fit s is the whole selection, every run "
+            "tested. The whole selection is within the column's (ε, δ): each run's RDP is the per-order "
+            "maximum of its candidates' and its score's, mapped through Papernot–Steinke's theorem by the "
+            "RDP accountant. Fit s is the whole selection, every run "
             "included. Each row has its own seed, derived from (method, ε, seed): reruns reproduce it."
         )
         if private_tuned:
@@ -220,13 +221,24 @@ def to_json(result: BenchResult, command: str) -> str:
 
 
 def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
-    """Median test accuracy against ε (log axis) per method and kind; non-private levels as lines."""
+    """Writes `figure(result, title)` to `path`."""
+    import matplotlib.pyplot as plt
+
+    chart = figure(result, title)
+    chart.savefig(path)
+    plt.close(chart)
+
+
+def figure(result: BenchResult, title: str):
+    """Median test accuracy against ε (log axis) per method and kind; non-private levels as horizontal
+    lines, named in the legend (labels beside the lines collided when levels were close). The caller
+    closes the figure."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5), dpi=120)
+    chart, axis = plt.subplots(figsize=(8, 5), dpi=120)
     # One colour per method; the kind is the line style: private-tuned solid, oracle dashed.
     styles = {"default": ":o", "private-tuned": "-D", "oracle": "--s", "peer": "-.^"}
     table = summarize(result.rows)
@@ -237,15 +249,14 @@ def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
     own = [c.median for (kind, _), cells in table.items() if kind != "peer" for c in cells.values()]
     bottom = max(0.0, 100 * min(own) - 3) if own else 0.0
     below = []
-    levels = 0
+    references = [(method, cells[None].median) for (kind, method), cells in table.items() if None in cells]
+    for index, (method, median) in enumerate(references):
+        level = 100 * median
+        # Gray levels told apart by dash pattern: the legend is the only place that names them.
+        axis.axhline(level, color="gray", lw=1, ls=(0, _DASHES[index % len(_DASHES)]),
+                     label=f"{method} (non-private) {level:.1f}")
     for (kind, method), cells in table.items():
         if None in cells:
-            level = 100 * cells[None].median
-            axis.axhline(level, color="gray", lw=1, ls="-." if "log" in method else "--")
-            axis.annotate(f"{method} (non-private) {level:.1f}", (1.0, level), xycoords=("axes fraction", "data"),
-                          xytext=(-4, 2 + 9 * levels), textcoords="offset points", ha="right", fontsize=7,
-                          color="gray")
-            levels += 1
             continue
         epsilons = sorted(e for e in cells if e is not None)
         medians = [100 * cells[e].median for e in epsilons]
@@ -265,9 +276,11 @@ def plot(result: BenchResult, path: pathlib.Path, title: str) -> None:
     axis.set_title(title, fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, ncol=2, loc="best")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    chart.tight_layout()
+    return chart
+
+
+_DASHES = ((4, 2), (1, 1.5), (6, 2, 1, 2), (2, 3), (8, 2, 1, 2, 1, 2))
 
 
 def write_all(result: BenchResult, out_dir: pathlib.Path, stem: str, title: str, command: str) -> list[pathlib.Path]:

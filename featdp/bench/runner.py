@@ -13,9 +13,15 @@ Row kinds, kept apart in every table (the markdown names them by `report.KIND_LA
 * ``non-private``    ridge and logistic regression on the same features: the price of privacy.
 * ``peer``           other libraries on the same preprocessed features (`featdp.bench.peers`).
 
-Exact pre-noise statistics (the Gram matrix) are computed once per data and preprocessing and reused by
-later fits (`FrozenArraySource`); every fit still calibrates and draws its own noise. Fit times are
-therefore the method's cost given those statistics; the one-time pass is reported separately.
+Exact pre-noise statistics (the Gram matrix, per-row scales) are computed once per rows and preprocessing
+and reused by later fits through one `featdp.cache.StatisticsCache`; every fit still calibrates and draws
+its own noise. Fit times are therefore the method's cost given those statistics; the one-time pass is
+reported separately.
+
+Memory: each split is held once, read-only, while the float32 rows held fit the in-memory budget
+(`load_splits`), and streamed from the feature file on every pass otherwise; the hold-out and selection
+parts are masks over the train split (`featdp.data.RowSubset`), never copies. Peers, which need arrays,
+add a preprocessed copy of both splits.
 """
 
 from __future__ import annotations
@@ -27,12 +33,11 @@ import time
 import warnings
 from typing import Callable, Iterable
 
-import numpy as np
-
-from featdp import linalg, selection, stats
+from featdp import progress, selection, stats
 from featdp.accounting import DeltaWarning, PrivacyParameterError, PrivacyTarget
 from featdp.bench import tuning
-from featdp.data import FrozenArraySource, Preprocessing, TrainingData
+from featdp.cache import StatisticsCache
+from featdp.data import IN_MEMORY_BUDGET_BYTES, ArraySource, Preprocessing, RowSource, TrainingData
 from featdp.methods import get_method, registry
 from featdp.training import fit
 
@@ -71,6 +76,7 @@ class BenchConfig:
     delta: float = 1e-5
     seeds: int = 5
     methods: tuple[str, ...] | None = None  # None: every registered method
+    references: bool = True  # the non-private rows (ridge, logreg) also when `methods` names only others
     tune: bool = True  # oracle rows: selection on held-out train rows, not private
     private_tune: bool = True  # private-tuned rows: `featdp.selection.select` within the same (ε, δ)
     mean_runs: float | None = None  # R of the private selection; None: each method's grid size (`mean_runs_for`)
@@ -142,63 +148,81 @@ class BenchResult:
     skipped: dict[str, str]  # peer, or "method private-tuned at ε = e" -> why it did not run
 
 
-def load_splits(path, train_split: str = "train", test_split: str = "test") -> tuple[FrozenArraySource, FrozenArraySource]:
-    """Both splits of a feature file in memory (the bench fits them hundreds of times)."""
+def load_splits(path, train_split: str = "train", test_split: str = "test",
+                budget_bytes: int = IN_MEMORY_BUDGET_BYTES) -> tuple[RowSource, RowSource]:
+    """The bench's (train, test) splits of a feature file. Each is held in memory, read-only, while the
+    float32 rows held fit `budget_bytes` (train first: every fit reads it), and is otherwise the file's split,
+    streamed on every pass; the file then stays open while that split is referenced."""
     from featdp.featurefile import FeatureFile
 
-    with FeatureFile(path) as features:
-        sources = []
+    features = FeatureFile(path)
+    held, sources = 0, []
+    try:
         for name in (train_split, test_split):
             split = features.split(name)
+            if held + split.nbytes_float32() > budget_bytes:
+                sources.append(split)
+                continue
             x, y = split.read()
-            sources.append(FrozenArraySource(x, y, split.num_classes))
+            x.flags.writeable = y.flags.writeable = False  # the cache's statistics of them stay true
+            sources.append(ArraySource(x, y, split.num_classes))
+            held += split.nbytes_float32()
+    finally:
+        if all(isinstance(source, ArraySource) for source in sources) or len(sources) < 2:
+            features.close()
     return sources[0], sources[1]
 
 
 def run_bench(
-    train: FrozenArraySource,
-    test: FrozenArraySource,
+    train: RowSource,
+    test: RowSource,
     config: BenchConfig,
     on_row: Callable[[BenchRow], None] | None = None,
+    cache: StatisticsCache | None = None,
 ) -> BenchResult:
+    """Every row of `config` on (train, test). The rows of both must not change while it runs: exact
+    statistics of them are computed once and kept in `cache` (None: a new cache for this run)."""
     started = time.perf_counter()
-    names = config.methods or tuple(sorted(registry()))
-    private = [n for n in names if registry()[n].private]
-    public = [n for n in names if not registry()[n].private]
+    cache = cache if cache is not None else StatisticsCache()
+    private, public = _method_names(config)
     rows: list[BenchRow] = []
+    planned = planned_rows(config)
 
     def emit(row: BenchRow) -> None:
         rows.append(row)
+        progress.report("bench rows", len(rows), planned)
         if on_row:
             on_row(row)
 
-    statistics_seconds = _precompute_statistics(train)
+    progress.report("bench rows", 0, planned)
+
+    statistics_seconds = _precompute_statistics(train, cache)
     with warnings.catch_warnings():
         # The bench's δ is the user's choice, stated in every table; one warning per fit is noise.
         warnings.simplefilter("ignore", DeltaWarning)
         for name in public:
-            result = fit(train, name)
+            result = fit(train, name, cache=cache)
             emit(BenchRow("non-private", name, None, None, 0, _accuracy(result, test), result.fit_seconds,
                           result.method.hyperparameters()))
         if config.tune:
             fit_part, holdout = tuning.split_holdout(train, config.holdout_fraction)
         # One (method, ε) at a time, defaults then tuning then oracle: candidates that differ only in λ or
         # in later steps, and oracle fits with the default fits' seeds, release bit-identical noisy Gram
-        # matrices, whose decompositions are then still in the cache.
-        with linalg.reusing_decompositions():
-            for name in private:
-                for epsilon in config.epsilons:
-                    for seed in range(config.seeds):
-                        emit(_private_row("default", train, test, get_method(name), epsilon, config, seed))
-                    if not config.tune:
-                        continue
-                    choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant)
+        # matrices, whose decompositions are then still in the cache. No later fit meets them: they are
+        # dropped after each (method, ε).
+        for name in private:
+            for epsilon in config.epsilons:
+                for seed in range(config.seeds):
+                    emit(_private_row("default", train, test, get_method(name), epsilon, config, seed, cache))
+                if config.tune:
+                    choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant,
+                                           cache)
                     choice = dataclasses.replace(choice, method=tuning.for_examples(name, choice, train.num_examples))
                     for seed in range(config.seeds):
-                        row = _tuned_row(choice, rows, train, test, epsilon, config, seed)
+                        row = _tuned_row(choice, rows, train, test, epsilon, config, seed, cache)
                         row.validation_accuracy = choice.validation_accuracy
                         emit(row)
-        # Outside the decomposition cache: every run of a selection releases its own noisy matrices.
+                cache.drop_decompositions()
         skipped: dict[str, str] = {}
         if config.private_tune:
             for name in private:
@@ -207,35 +231,64 @@ def run_bench(
                 for epsilon in config.epsilons:
                     for seed in range(config.seeds):
                         try:
-                            emit(_private_tuned_row(name, train, test, epsilon, config, seed))
+                            emit(_private_tuned_row(name, train, test, epsilon, config, seed, cache))
                         except (PrivacyParameterError, selection.SelectionError) as error:
                             skipped[f"{name} private-tuned at ε = {epsilon:g}"] = str(error)
                             break
         skipped.update(_run_peers(train, test, config, emit))
+    progress.report("bench rows", len(rows), len(rows))  # done, also when skipped rows left it short of `planned`
     return BenchResult(config, rows, train.num_examples, test.num_examples, train.feature_dim,
                        train.num_classes, statistics_seconds, time.perf_counter() - started, skipped)
 
 
-def _precompute_statistics(train: FrozenArraySource) -> float:
+def _method_names(config: BenchConfig) -> tuple[list[str], list[str]]:
+    """(private, non-private) methods to run: `config.methods` (all by default), plus every non-private
+    reference unless `config.references` is off (then only those `config.methods` names)."""
+    known = registry()
+    names = config.methods or tuple(sorted(known))
+    private = [n for n in names if known[n].private]
+    named = set(config.methods or ())
+    public = [n for n in sorted(known) if not known[n].private and (config.references or n in named)]
+    return private, public
+
+
+def planned_rows(config: BenchConfig) -> int:
+    """The rows `run_bench` makes when none is skipped (a peer that cannot run here, or a private-tuned ε too
+    small for a selection): the total its progress counts towards."""
+    private, public = _method_names(config)
+    per_method = len(config.epsilons) * config.seeds
+    rows = len(public) + len(private) * per_method * (2 if config.tune else 1)
+    if config.private_tune:
+        rows += per_method * sum(grid_size(name) >= 2 for name in private)
+    if config.peers:
+        from featdp.bench import peers
+
+        runs = len(config.peer_epsilons or config.epsilons) * (config.peer_seeds or config.seeds)
+        rows += sum(runs if peers.is_private(name) else 1 for name in config.peers)
+    return rows
+
+
+def _precompute_statistics(train: RowSource, cache: StatisticsCache) -> float:
     start = time.perf_counter()
-    stats.second_moments(TrainingData(train, Preprocessing()))
+    stats.second_moments(TrainingData(train, Preprocessing(), cache=cache))
     return time.perf_counter() - start
 
 
-def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: int) -> BenchRow:
-    result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant)
+def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: int, cache) -> BenchRow:
+    result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant,
+                 cache=cache)
     return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
                     _changed_hyperparameters(method), result.calibration.noise_scale,
                     epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta)
 
 
-def _tuned_row(choice, rows, train, test, epsilon, config, seed) -> BenchRow:
+def _tuned_row(choice, rows, train, test, epsilon, config, seed, cache) -> BenchRow:
     """When tuning keeps the defaults, the seeded fit is the default row's fit: reuse it, do not redo it."""
     if choice.method == type(choice.method)():
         for row in rows:
             if (row.kind, row.method, row.epsilon, row.seed) == ("default", choice.method.name, epsilon, seed):
                 return dataclasses.replace(row, kind="oracle")
-    return _private_row("oracle", train, test, choice.method, epsilon, config, seed)
+    return _private_row("oracle", train, test, choice.method, epsilon, config, seed, cache)
 
 
 def private_tuning_seed(method: str, epsilon: float, seed: int) -> int:
@@ -246,13 +299,13 @@ def private_tuning_seed(method: str, epsilon: float, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
 
 
-def _private_tuned_row(name, train, test, epsilon, config: BenchConfig, seed: int) -> BenchRow:
+def _private_tuned_row(name, train, test, epsilon, config: BenchConfig, seed: int, cache) -> BenchRow:
     """`featdp tune --method name --eps epsilon --delta δ --mean-runs R`, seeded: the head comes from the
     fit part (90%) of the train split, chosen among `name`'s tuning grid by noisy validation accuracy."""
     mean_runs = mean_runs_for(name, config)
     result = selection.select(train, [name], epsilon=epsilon, delta=config.delta, mean_runs=mean_runs,
-                              seed=private_tuning_seed(name, epsilon, seed))
-    accuracy = float(np.mean(result.predict(test.features) == test.labels))
+                              seed=private_tuning_seed(name, epsilon, seed), cache=cache)
+    accuracy = result.accuracy(test)
     return BenchRow(
         "private-tuned", name, epsilon, config.delta, seed, accuracy, result.seconds,
         _changed_hyperparameters(result.method), result.best.noise_scale,
@@ -267,8 +320,8 @@ def _changed_hyperparameters(method) -> dict:
     return {k: v for k, v in method.hyperparameters().items() if defaults.get(k) != v}
 
 
-def _accuracy(result, test: FrozenArraySource) -> float:
-    return float(np.mean(result.predict(test.features) == test.labels))
+def _accuracy(result, test: RowSource) -> float:
+    return result.accuracy(test)
 
 
 def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
@@ -276,6 +329,9 @@ def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
         return {}
     from featdp.bench import peers
 
+    if not (isinstance(train, ArraySource) and isinstance(test, ArraySource)):
+        reason = "the splits are streamed (larger than the in-memory budget); peers need them in memory"
+        return {name: reason for name in config.peers}
     # Peers get exactly the rows featdp's default methods train on: unit norm ≤ 1.
     preprocess = Preprocessing()
     train_x, test_x = preprocess(train.features), preprocess(test.features)

@@ -13,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from featdp.data import FrozenArraySource
+from featdp.cache import StatisticsCache
+from featdp.data import RowSource, RowSubset
 from featdp.methods import Method, get_method, registry
 from featdp.training import fit
 
@@ -32,29 +33,30 @@ class Choice:
     candidates: tuple[tuple[dict, float], ...]  # every candidate with its held-out accuracy
 
 
-def split_holdout(train: FrozenArraySource, fraction: float) -> tuple[FrozenArraySource, FrozenArraySource]:
-    """(fit part, held-out part), the held-out part `fraction` of the rows, at least one row each."""
+def split_holdout(train: RowSource, fraction: float) -> tuple[RowSubset, RowSubset]:
+    """(fit part, held-out part), the held-out part `fraction` of the rows, at least one row each; both in
+    row order, masks over `train` (no copy of its rows)."""
     n = train.num_examples
     held = min(max(1, round(fraction * n)), n - 1)
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    keep, out = np.sort(order[held:]), np.sort(order[:held])
-    k = train.num_classes
-    return (FrozenArraySource(train.features[keep], train.labels[keep], k),
-            FrozenArraySource(train.features[out], train.labels[out], k))
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng(SPLIT_SEED).permutation(n)[:held]] = True
+    return RowSubset(train, ~out), RowSubset(train, out)
 
 
-def choose(name: str, fit_part: FrozenArraySource, holdout: FrozenArraySource, epsilon: float, delta: float,
-           accountant: str = "pld") -> Choice:
+def choose(name: str, fit_part: RowSource, holdout: RowSource, epsilon: float, delta: float,
+           accountant: str = "pld", cache: StatisticsCache | None = None) -> Choice:
     """The candidate of `name`'s tuning grid with the best held-out accuracy at (ε, δ); ties keep the
-    earlier candidate, so the defaults win unless something beats them."""
+    earlier candidate, so the defaults win unless something beats them. `cache`: as `training.fit`'s
+    (candidates that differ only in λ release the same noisy matrix, decomposed once)."""
     grid = registry()[name].tuning_grid(fit_part.num_examples)
     if len(grid) == 1:  # nothing to choose: no held-out fit
         return Choice(get_method(name, **grid[0]), 0, None, ((grid[0], None),))
     scored = []
     for candidate in grid:
         method = get_method(name, **candidate)
-        result = fit(fit_part, method, epsilon=epsilon, delta=delta, seed=TUNING_SEED, accountant=accountant)
-        accuracy = float(np.mean(result.predict(holdout.features) == holdout.labels))
+        result = fit(fit_part, method, epsilon=epsilon, delta=delta, seed=TUNING_SEED, accountant=accountant,
+                     cache=cache)
+        accuracy = result.accuracy(holdout)
         scored.append((method, candidate, accuracy))
     best = max(range(len(scored)), key=lambda i: (scored[i][2], -i))
     return Choice(scored[best][0], best, scored[best][2], tuple((c, a) for _, c, a in scored))

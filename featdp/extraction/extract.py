@@ -72,7 +72,8 @@ class SplitProgress:
     split: str
     rows_done: int
     num_examples: int
-    images_per_second: float
+    images_per_second: float  # over the rows this run wrote
+    rows_at_start: int = 0  # rows the file held before this run: = num_examples when it had nothing to do
 
 
 def default_batch_size() -> int:
@@ -207,9 +208,12 @@ def extract(
     config: ExtractConfig,
     on_progress: Callable[[SplitProgress], None] | None = None,
     backbone: Backbone | None = None,
+    processes=None,
 ) -> pathlib.Path:
     """Writes (or finishes) `config.out`; returns its path. `backbone` overrides `config.backbone`
-    with one already loaded (a custom or randomly initialised model)."""
+    with one already loaded (a custom or randomly initialised model). With `processes`, a
+    `featdp.distributed` group of several processes, each writes its share of every split to a part file
+    and process 0 writes `config.out` as their manifest (`featdp.extraction.sharded`)."""
     if config.batch_size is not None and config.batch_size < 1:
         raise ExtractError(f"batch size must be ≥ 1, got {config.batch_size}")
     batch_size = config.batch_size or default_batch_size()
@@ -228,6 +232,10 @@ def extract(
     if unknown:
         raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
     dtype = compute_dtype(config.dtype)
+    if processes is not None and processes.count > 1:
+        from featdp.extraction.sharded import extract_parts
+
+        return extract_parts(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, processes)
     # Held for the whole extraction: a second run onto this file stops here, before loading anything.
     with FeatureFileLock(out) as lock:
         return _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock)
@@ -248,7 +256,10 @@ def _check_batch_memory(batch_size: int, backbone: Backbone) -> None:
         raise ExtractError(f"--batch-size {batch_size}: {error}; choose a smaller batch size") from None
 
 
-def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock) -> pathlib.Path:
+def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock,
+                    shard=None) -> pathlib.Path:
+    """The extraction into `out`, whose lock is held: every split whole, or with `shard` (a part of a
+    sharded file: `featdp.extraction.sharded.Shard`) the rows [first, stop) of each split it assigns."""
     expected_sha256 = None
     if config.checkpoint_sha256 is not None:
         try:
@@ -283,16 +294,20 @@ def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_s
         source_fingerprint=fingerprint,
         overwrite=config.overwrite,
         lock=lock,
+        **({} if shard is None else {"part": shard.identity}),
     ) as writer:
         for split in splits:
             total = dataset.splits[split] if config.limit is None else min(config.limit, dataset.splits[split])
-            done = writer.create_split(split, total, dtype=config.store_dtype)
-            _extract_split(dataset, split, backbone, forward, writer, done, total, config.workers, on_progress)
+            first, stop = (0, total) if shard is None else shard.rows[split]
+            done = writer.create_split(split, stop - first, dtype=config.store_dtype)
+            _extract_split(dataset, split, backbone, forward, writer, done, stop - first, config.workers,
+                           on_progress, first)
             writer.mark_complete(split)
     return out
 
 
-def _extract_split(dataset, split, backbone, forward, writer, done, total, workers, on_progress):
+def _extract_split(dataset, split, backbone, forward, writer, done, total, workers, on_progress, first=0):
+    """Rows [done, total) of the file's split, which are the source's examples first + done … first + total."""
     started, start_rows = time.perf_counter(), done
     pending = None  # (features in flight on the device, labels, indices, valid rows)
 
@@ -302,11 +317,11 @@ def _extract_split(dataset, split, backbone, forward, writer, done, total, worke
         done = writer.append(split, np.asarray(features)[:rows], labels, index)
         if on_progress:
             rate = (done - start_rows) / max(time.perf_counter() - started, 1e-9)
-            on_progress(SplitProgress(split, done, total, rate))
+            on_progress(SplitProgress(split, done, total, rate, start_rows))
 
     if on_progress:
-        on_progress(SplitProgress(split, done, total, 0.0))
-    with _loaded_batches(dataset, split, backbone, done, total, forward.batch_size, workers) as batches:
+        on_progress(SplitProgress(split, done, total, 0.0, start_rows))
+    with _loaded_batches(dataset, split, backbone, first + done, first + total, forward.batch_size, workers) as batches:
         batch = None
         for batch in batches:
             features = forward(_pad(batch["image"], forward.batch_size))

@@ -36,6 +36,11 @@ class Method:
 
     clip_norm: float = 1.0
     normalize: str = "unit"
+    # One line per hyperparameter, for `featdp methods`; each method adds its own (`hyperparameter_help`).
+    descriptions: ClassVar[dict[str, str]] = {
+        "clip_norm": "C: every feature vector is brought to norm ≤ C, which bounds every sensitivity",
+        "normalize": "unit: rescale every vector to norm C; clip: shorten only those longer than C",
+    }
 
     def __post_init__(self):
         finite_floats(self)
@@ -52,6 +57,14 @@ class Method:
 
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def hyperparameter_help(cls) -> dict[str, str]:
+        """Every hyperparameter (dataclass field) with its one-line description, "" where none is given."""
+        merged: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("descriptions", {}))
+        return {field.name: merged.get(field.name, "") for field in dataclasses.fields(cls)}
 
     @classmethod
     def tuning_grid(cls, num_examples: int) -> tuple[dict[str, Any], ...]:

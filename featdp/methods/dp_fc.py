@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from dp_accounting import dp_event as events
 
-from featdp import linalg, stats
+from featdp import linalg, progress, stats
 from featdp.methods import _gradients as gradients
 from featdp.methods.base import Method, positive, register
 
@@ -46,6 +46,16 @@ class DPFC(Method):
     cov_noise_ratio: float | None = None
     lam: float | None = None
     lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
+    descriptions = {
+        "steps": "preconditioned gradient steps from W = 0",
+        "lr": "step size (1: one full covariance-preconditioned step)",
+        "momentum": "heavy-ball momentum, in [0, 1)",
+        "batch_size": "expected Poisson batch B (rate q = B/ñ, ñ the released count); None: full batch",
+        "grad_clip": "C_g, the per-example gradient norm bound; None: clip_norm",
+        "cov_noise_ratio": "noise of the covariance relative to the gradients' (σ_F/σ_G); None: from steps and q",
+        "lam": "ridge λ added to the noisy covariance; None: from its noise level",
+        "lam_scale": "multiplies the default λ; ignored when lam is set",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,12 +101,12 @@ class DPFC(Method):
             "covariance", covariance, sensitivity=c**2, noise_multiplier=sigma_f, symmetric=True
         )
         precondition = linalg.psd_ridge_inverse(
-            covariance, self.ridge(sigma_f, data.feature_dim, data.public_size)
+            covariance, self.ridge(sigma_f, data.feature_dim, data.public_size), data.cache
         )
         optimizer = optax.sgd(self.lr, momentum=self.momentum or None)
         weights = jnp.zeros((data.feature_dim, data.num_classes), jnp.float32)
         state = optimizer.init(weights)
-        for step in range(self.steps):
+        for step in progress.track(range(self.steps), "dp-fc gradient steps", self.steps):
             mean_gradient = gradients.private_mean_gradient(
                 data, np.asarray(weights), releaser, step=step, grad_clip=self.grad_clip or c,
                 noise_multiplier=sigma_g, sampling_probability=q,

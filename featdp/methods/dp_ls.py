@@ -32,6 +32,11 @@ class DPLeastSquares(Method):
     gram_share: float = 0.5
     lam: float | None = None
     lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
+    descriptions = {
+        "gram_share": "share of the precision budget spent on Σxxᵀ (the rest on Σx e_yᵀ), in (0, 1)",
+        "lam": "ridge λ added to the noisy Σxxᵀ; None: from its noise level",
+        "lam_scale": "multiplies the default λ; ignored when lam is set",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,4 +71,4 @@ class DPLeastSquares(Method):
         gram = releaser.release("gram", gram, sensitivity=c**2, noise_multiplier=sigma_a, symmetric=True)
         cross = releaser.release("class_sums", cross, sensitivity=c, noise_multiplier=sigma_b)
         lam = self.ridge(noise_scale, data.feature_dim, data.public_size)
-        return linalg.psd_ridge_solve(gram, lam, cross)
+        return linalg.psd_ridge_solve(gram, lam, cross, data.cache)

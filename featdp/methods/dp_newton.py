@@ -8,7 +8,7 @@ import math
 import numpy as np
 from dp_accounting import dp_event as events
 
-from featdp import linalg, stats
+from featdp import linalg, progress, stats
 from featdp.methods.base import Method, positive, register
 
 
@@ -36,6 +36,13 @@ class DPNewton(Method):
     hessian_share: float = 0.5
     lam: float | None = None
     lam_scale: float = 1.0  # multiplies the default λ; ignored when lam is set
+    descriptions = {
+        "steps": "Newton steps from W = 0, each releasing a gradient and K d×d Hessians",
+        "lr": "step size (1: a full Newton step)",
+        "hessian_share": "share of the precision budget spent on the Hessians, in (0, 1)",
+        "lam": "ridge λ added to each noisy Hessian; None: from its noise level",
+        "lam_scale": "multiplies the default λ; ignored when lam is set",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,7 +94,7 @@ class DPNewton(Method):
                 noise_multiplier=sigma_h, symmetric=True, step=step,
             )
             update = np.empty_like(weights)
-            for cls, hessian in enumerate(noisy_hessians):
+            for cls, hessian in enumerate(progress.track(noisy_hessians, "dp-newton class solves", k)):
                 update[:, cls] = linalg.psd_ridge_solve(hessian, lam, gradient[:, cls])
             weights = weights - self.lr * update
         return weights

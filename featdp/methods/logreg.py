@@ -27,6 +27,10 @@ class LogisticRegression(Method):
     private = False
     l2: float | None = None
     max_iter: int = 1000
+    descriptions = {
+        "l2": "penalty (l2/2)‖W‖²; None: 1, scikit-learn's default",
+        "max_iter": "L-BFGS iterations at most",
+    }
 
     def __post_init__(self):
         super().__post_init__()

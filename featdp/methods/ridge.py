@@ -22,6 +22,7 @@ class Ridge(Method):
     name = "ridge"
     private = False
     lam: float | None = None
+    descriptions = {"lam": "ridge λ; None: 1e-4·n·C²/d, the floor DP-LS uses"}
 
     def __post_init__(self):
         super().__post_init__()
