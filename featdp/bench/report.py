@@ -99,8 +99,8 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
             "candidate fitted on the 90% fit part of the train split (split by a per-example hash) and "
             "scored by a noisy count of correct predictions on the other 10%; the best run's head is "
             "tested. The whole selection is within the column's (ε, δ): each run's RDP is the per-order "
-            "maximum of its candidates' and its score's, mapped through Papernot–Steinke's theorem by the "
-            "RDP accountant. Fit s is the whole selection, every run "
+            "maximum of its candidates' and its score's, mapped through Papernot–Steinke's theorem (the RDP "
+            "accountant's RepeatAndSelectDpEvent rule). Fit s is the whole selection, every run "
             "included. Each row has its own seed, derived from (method, ε, seed): reruns reproduce it."
         )
         if private_tuned:
