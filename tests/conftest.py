@@ -82,3 +82,13 @@ def invoke(*args):
 
 
 __all__ = ["ArraySource", "Preprocessing", "invoke", "make_blobs", "run_recorded", "write_feature_file"]
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """max |actual − expected| ≤ rtol × the larger array's max |entry| (a scale-relative tolerance; the
+    default is the parity tests' RTOL for clean statistics)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    scale = max(np.abs(actual).max(), np.abs(expected).max(), 1e-30)
+    error = np.abs(actual - expected).max()
+    assert error <= rtol * scale, f"max |difference| {error:.3g} > {rtol:g} × scale {scale:.3g}"

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PRIVATE_VARIANTS, make_blobs, variant_id
+from conftest import assert_close, PRIVATE_VARIANTS, make_blobs, variant_id
 from featdp import backend, mechanism, stats
 from featdp.audit.recording import Recorder
 from featdp.cache import StatisticsCache
@@ -33,14 +33,6 @@ N, D, K, BLOCK = 700, 10, 5, 64  # 11 blocks, the last one ragged
 
 JAX = backend.resolve(os.environ.get("FEATDP_TEST_JAX_DEVICE", "cpu-jax"))
 STREAMED = backend.JaxBackend(JAX.device, resident_bytes=0)  # no device-resident copy: every pass streams
-
-
-def assert_close(actual, expected, rtol=RTOL):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = max(np.abs(actual).max(), np.abs(expected).max(), 1e-30)
-    error = np.abs(actual - expected).max()
-    assert error <= rtol * scale, f"max |difference| {error:.3g} > {rtol:g} × scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_blobs
+from conftest import assert_close, make_blobs
 from featdp import host_gradients, mechanism
 from featdp.cache import StatisticsCache
 from featdp.data import ArraySource, Preprocessing, RowSubset, TrainingData
@@ -23,14 +23,6 @@ from featdp.methods import _gradients as gradients
 RTOL = 1e-5
 HEAD_RTOL = 1e-4
 N, D, K, BLOCK = 700, 10, 5, 64  # 11 blocks, the last one ragged
-
-
-def assert_close(actual, expected, rtol=RTOL):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = max(np.abs(actual).max(), np.abs(expected).max(), 1e-30)
-    error = np.abs(actual - expected).max()
-    assert error <= rtol * scale, f"max |difference| {error:.3g} > {rtol:g} × scale {scale:.3g}"
 
 
 def reference_sum(features, labels, preprocessing, weights, clip, keep=None):
