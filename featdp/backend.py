@@ -104,9 +104,18 @@ def _resolve_name(device: str) -> Backend:
     return JaxBackend(found[0])
 
 
-def _reported_pass(blocks: Iterator, total: int) -> Iterator:
-    """`blocks` of one statistics pass, `total` of them, reported as progress (`featdp.progress`) block by block."""
-    return progress.track(blocks, "statistics pass (row blocks)", total)
+def _reported_pass(blocks: Iterator) -> Iterator:
+    """`blocks` of one statistics pass, reported as progress (`featdp.progress`) when it starts and when it
+    ends, never block by block: the number of blocks follows the true n, which is private (logs may be
+    shared with whoever receives the head)."""
+    progress.report(STATISTICS_PASS, 0, None)
+    try:
+        yield from blocks
+    finally:
+        progress.report(STATISTICS_PASS, 1, 1)
+
+
+STATISTICS_PASS = "statistics pass"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,7 +132,7 @@ class NumpyBackend:
         d, k = data.feature_dim, data.num_classes
         gram = np.zeros((d, d), dtype=np.float64)
         cross = np.zeros((d, k), dtype=np.float64)
-        for x, y in _reported_pass(data.blocks(), data.pass_length):
+        for x, y in _reported_pass(data.blocks()):
             gram += x.T @ x
             cross += stats.class_sums(x, y, k)
         return gram, cross
@@ -417,8 +426,7 @@ class JaxBackend:
 
     def second_moments(self, data):
         d, k = data.feature_dim, data.num_classes
-        device_blocks = -(-data.num_examples // data.block_rows)
-        blocks = (block[:2] for block in _reported_pass(self._blocks(data), device_blocks))
+        blocks = (block[:2] for block in _reported_pass(self._blocks(data)))
         state = self._accumulate("moments", (self._zeros((d, d)), self._zeros((d, k))), blocks, num_classes=k)
         return self._to_host(state[0]), self._to_host(state[1])
 

@@ -407,6 +407,8 @@ class Manifest:
                                     "incomplete: copy every part with the manifest, or re-run the extraction")
         part = FeatureFile(entry.path)
         try:
+            if is_manifest(part._h5.attrs):  # parts hold rows; a manifest there would nest part folders
+                raise _error(self.path, f"part {name} is itself a manifest, not a part file")
             identity = _json_attr(entry.path, part._h5.attrs, "part", dict, default="{}")
             if identity.get("run_id") != self.run_id:
                 theirs = str(identity.get("run_id"))[:40]
@@ -487,12 +489,19 @@ class PartedSplit:
 
     def _stored(self, piece: PartSlice, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [lo, hi) of a part as stored, every chunk they touch checked against its digest."""
+        from featdp.featurefile import _CHECKED_READ_BYTES, check_allocation
+
         size = self.layout.chunk_rows
         first, last = lo // size, -(-hi // size)
         split = self._parts[piece.part]
         if all((piece.part, c) in self._verified for c in range(first, last)):
             return split.read_stored(lo, hi)
         a, b = first * size, min(last * size, piece.num_rows)
+        # Whole chunks are read to check their digests; chunk_rows comes from the (untrusted) manifest.
+        nbytes = (b - a) * (self.feature_dim * (4 + self.dtype.itemsize) + 24)
+        if nbytes >= _CHECKED_READ_BYTES:
+            check_allocation(nbytes, f"{self.path}: checking rows [{a}, {b}) of part {split.path.name}, split "
+                                     f"{self.name!r} (chunk_rows {size} in the manifest)")
         features, labels, index = split.read_stored(a, b)
         for chunk in range(first, last):
             if (piece.part, chunk) in self._verified:

@@ -478,9 +478,6 @@ class NoisePlan:
     event: events.RepeatAndSelectDpEvent
     epsilon: float
 
-    def candidate_events(self, candidates: Sequence[Method], public_size: float) -> list[events.DpEvent]:
-        return [m.dp_event(s, public_size) for m, s in zip(candidates, self.scales)]
-
 
 def domination_plan(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
                     public_size: float) -> NoisePlan:
@@ -517,7 +514,11 @@ def equal_privacy_scales(candidates: Sequence[Method], sigma: float, delta: floa
 def equal_privacy_plan(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
                        public_size: float, start: float = 2.0) -> NoisePlan:
     """Every candidate and the score at the same standalone (ε_s, δ) (`equal_privacy_scales`), the run
-    accounted as the per-order maximum of their curves (`WorstOfDpEvent`), σ_run calibrated on that."""
+    accounted as the per-order maximum of their curves (`WorstOfDpEvent`), σ_run calibrated on that.
+
+    ε(σ_run) is only roughly monotone here (each candidate's scale is itself calibrated to 0.1%), so the
+    search may stop slightly above the least σ_run; soundness does not depend on it: the plan's ε is the
+    accountant's on exactly the returned scales, and `select` checks it against the budget."""
 
     @functools.lru_cache(maxsize=None)
     def event_at(sigma: float) -> tuple[tuple[float, ...], events.RepeatAndSelectDpEvent]:
@@ -534,7 +535,8 @@ def equal_privacy_plan(candidates: Sequence[Method], distribution: RunsDistribut
 def plan_noise(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
                public_size: float) -> tuple[NoisePlan, NoisePlan | None]:
     """(the plan used, the other one or None): both plans are sound; the one whose candidates' noise
-    scales are smaller in geometric mean (each candidate's ratio between the plans) is used, domination
+    scales are smaller in geometric mean (each candidate's ratio between the plans; the score's σ_run,
+    nearly the same under both, is left out of the comparison) is used, domination
     on a tie. With full-batch candidates only the two coincide (equal ε ⇔ equal σ_eff) and only
     domination is computed."""
     dominated = domination_plan(candidates, distribution, budget, delta, public_size)

@@ -30,7 +30,7 @@ from test_extract import BACKBONE, make_folder
 
 CLI = [sys.executable, "-c", "from featdp_cli.main import app; app()"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-       "FEATDP_PROGRESS_SECONDS": "0"}
+       "FEATDP_PROGRESS_SECONDS": "0", "PYTHONUNBUFFERED": "1"}  # progress lines arrive as printed
 TIMEOUT = 240  # seconds for one multi-process run: far above what they take, far below a hang
 
 
@@ -167,6 +167,35 @@ def test_a_manifest_cannot_name_a_file_outside_its_parts_folder(sharded, tmp_pat
         h5.create_dataset("manifest", data=json.dumps(text), dtype=h5py.string_dtype("utf-8"))
     with pytest.raises(FeatureFileError, match=r"manifest part 0 is '../whole.h5', expected 'part-00000-of-00003.h5'"):
         FeatureFile(manifest)
+
+
+def test_a_part_that_is_itself_a_manifest_is_refused(sharded, tmp_path):
+    _, manifest = sharded
+    other = parts.write_parts(tmp_path / "other.h5", {"train": blobs(103), "test": blobs(20, seed=1)}, 3,
+                              num_classes=4, chunk_rows=7)
+    _replace_part(manifest, 0, other)  # a manifest where a part belongs, with its own parts folder beside it
+    shutil.copytree(parts.parts_dir(other), parts.parts_dir(parts.part_path(manifest, 0, 3)))
+    with pytest.raises(FeatureFileError, match="part part-00000-of-00003.h5 is itself a manifest"):
+        FeatureFile(manifest)
+
+
+def test_digest_chunks_declared_by_the_manifest_are_checked_against_the_memory_before_reading(sharded, monkeypatch):
+    import featdp.featurefile as featurefile
+
+    _, manifest = sharded
+    with h5py.File(manifest, "r+") as h5:  # one chunk per part: checking a digest reads the whole part slice
+        text = json.loads(h5["manifest"][()])
+        for layout in text["splits"].values():
+            layout["chunk_rows"] = 10**12
+            for piece in layout["parts"]:
+                piece["digests"] = ["0" * 64] * (1 if piece["num_rows"] else 0)
+        del h5["manifest"]
+        h5.create_dataset("manifest", data=json.dumps(text), dtype=h5py.string_dtype("utf-8"))
+    monkeypatch.setattr(featurefile, "_CHECKED_READ_BYTES", 0)
+    monkeypatch.setattr(featurefile, "available_memory", lambda: 4000)  # a 16-row block fits, a 35-row part not
+    with FeatureFile(manifest) as features:
+        with pytest.raises(featurefile.AllocationError, match=r"chunk_rows 1000000000000 in the manifest"):
+            list(features.split("train").blocks(16))
 
 
 def test_one_process_does_not_extract_onto_a_sharded_file(sharded):

@@ -110,7 +110,7 @@ class DPSGD(Method):
         return np.asarray(weights, np.float64)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # bounded: a long selection or bench sees many hyperparameter sets
 def _optimizer_step(method: DPSGD):
     """(optimizer, jitted (gradient, state, W) -> (W', state')): one compiled call per step instead of an
     eager dispatch per optax operation, compiled once per hyperparameters and process."""
