@@ -104,6 +104,44 @@ def _resolve_name(device: str) -> Backend:
     return JaxBackend(found[0])
 
 
+class ViewAveraging:
+    """`inner`'s sums with each example counted as the average of its V consecutive rows (views): every
+    primitive returns inner's row sum divided by V, which is Σ_examples (1/V)·Σ_views f(row). Each summand
+    f(row) is bounded as in the one-view case (a clipped gradient, x xᵀ of a row of norm ≤ C, ...), so an
+    example's average is bounded alike and every sensitivity is unchanged (De et al. 2022's augmentation
+    multiplicity). A Poisson mask is drawn over a block's examples and applied to all their views."""
+
+    def __init__(self, inner: Backend, views: int):
+        self.inner, self.views = inner, int(views)
+        self.name = inner.name
+
+    def __repr__(self) -> str:
+        return f"ViewAveraging({self.inner!r}, views={self.views})"
+
+    def _per_example(self, select: Select | None) -> Select | None:
+        if select is None:
+            return None
+        views = self.views
+
+        def rows_of_examples(block: int, rows: int) -> np.ndarray:
+            if rows % views:
+                raise ValueError(f"block {block} holds {rows} rows, not whole examples of {views} views")
+            return np.repeat(np.asarray(select(block, rows // views), dtype=bool), views)
+
+        return rows_of_examples
+
+    def second_moments(self, data):
+        gram, cross = self.inner.second_moments(data)
+        return gram / self.views, cross / self.views
+
+    def clipped_gradient_sum(self, data, weights, clip, select=None):
+        return self.inner.clipped_gradient_sum(data, weights, clip, self._per_example(select)) / self.views
+
+    def newton_statistics(self, data, weights):
+        gradient, hessians = self.inner.newton_statistics(data, weights)
+        return gradient / self.views, hessians / self.views
+
+
 def _reported_pass(blocks: Iterator) -> Iterator:
     """`blocks` of one statistics pass, reported as progress (`featdp.progress`) when it starts and when it
     ends, never block by block: the number of blocks follows the true n, which is private (logs may be

@@ -1,7 +1,14 @@
 """Training data as a stream of row blocks, with the per-example preprocessing that bounds sensitivity.
 
 A method sees a `TrainingData`: n, d, K and `blocks()` yielding (x, y) with every row already clipped (or
-rescaled) to norm ≤ C. Clipping is per example and data-independent, so it costs no privacy. The rows come
+rescaled) to norm ≤ C. Clipping is per row and data-independent, so it costs no privacy.
+
+Views (augmentation multiplicity): a source may hold V ≥ 1 rows per example (`views_per_example`), in
+consecutive groups of V (example-major, as a feature file's split stores them: `featdp.featurefile`). Its
+`num_examples` counts rows (n·V); `example_count` is n. Every sum a method releases is then a sum over
+examples of the *average* over each example's views (`TrainingData.backend` divides the backends' row sums
+by V), so one example still moves a statistic by at most its sensitivity; Poisson sampling and every mask
+keep or drop an example's views together. A one-view source is exactly the plain case. The rows come
 either from arrays in memory or streamed from a feature file; `maybe_in_memory` loads a file's split when
 it fits a memory budget, so multi-pass methods do not re-read the disk. A `RowSubset` (a hold-out part, a
 selection's fit part) is a mask over another source, never a copy of its rows.
@@ -31,24 +38,78 @@ class DataError(ValueError):
 
 
 class RowSource(Protocol):
-    num_examples: int
+    num_examples: int  # rows: examples × views_per_example (an optional attribute, 1 when absent)
     feature_dim: int
     num_classes: int
 
     def blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
+def views_per_example(source) -> int:
+    """V: rows per example of `source` (1 unless it says otherwise)."""
+    return int(getattr(source, "views_per_example", 1))
+
+
+def example_count(source) -> int:
+    """n, the number of examples of `source`: its rows over its views. This, not the row count, is what
+    neighbouring datasets differ in by one."""
+    views = views_per_example(source)
+    if source.num_examples % views:
+        raise DataError(f"{source.num_examples} rows are not whole examples of {views} views each")
+    return source.num_examples // views
+
+
+def aligned_block_rows(block_rows: int, views: int) -> int:
+    """`block_rows` rounded down to whole examples (at least one): a block never splits an example's views,
+    so a Poisson mask drawn per block over its examples covers each example once."""
+    return max(views, block_rows - block_rows % views)
+
+
+def check_whole_examples(labels: np.ndarray, views: int, what: str, first_row: int = 0) -> None:
+    """DataError unless `labels` are whole examples of `views` rows that share one label."""
+    if views == 1:
+        return
+    if len(labels) % views:
+        raise DataError(f"{what}: {len(labels)} rows are not whole examples of {views} views each")
+    groups = labels.reshape(-1, views)
+    differs = np.flatnonzero((groups != groups[:, :1]).any(axis=1))
+    if differs.size:
+        row = first_row + int(differs[0]) * views
+        raise DataError(f"{what}: the {views} views at rows [{row}, {row + views}) do not share one label")
+
+
 @dataclasses.dataclass
 class ArraySource:
-    """Validated arrays in memory (features float32 (n, d), labels int64 (n,)); arrays that already have
-    those dtypes are used as they are, not copied."""
+    """Validated arrays in memory (features float32 (rows, d), labels int64 (rows,)); arrays that already
+    have those dtypes are used as they are, not copied.
+
+    Views: features of shape (n, V, d) with labels (n,) are V views per example (flattened example-major,
+    labels repeated); or pass rows already flattened with `views_per_example=V`."""
 
     features: np.ndarray
     labels: np.ndarray
     num_classes: int
+    views_per_example: int = 1
 
     def __post_init__(self):
-        self.features, self.labels = validate_arrays(self.features, self.labels, self.num_classes)
+        features = np.asarray(self.features)
+        if features.ndim == 3:
+            if self.views_per_example not in (1, features.shape[1]):
+                raise DataError(f"features of shape {features.shape} hold {features.shape[1]} views per "
+                                f"example, but views_per_example={self.views_per_example}")
+            self.views_per_example = features.shape[1]
+            labels = np.asarray(self.labels)
+            if labels.shape != (features.shape[0],):
+                raise DataError(f"features of shape {features.shape} need one label per example "
+                                f"({features.shape[0]},), got shape {labels.shape}")
+            features = features.reshape(-1, features.shape[2])
+            self.labels = np.repeat(labels, self.views_per_example)
+        if isinstance(self.views_per_example, bool) or int(self.views_per_example) != self.views_per_example \
+                or self.views_per_example < 1:
+            raise DataError(f"views_per_example must be an integer ≥ 1, got {self.views_per_example!r}")
+        self.views_per_example = int(self.views_per_example)
+        self.features, self.labels = validate_arrays(features, self.labels, self.num_classes)
+        check_whole_examples(self.labels, self.views_per_example, "the training arrays")
 
     @property
     def num_examples(self) -> int:
@@ -83,8 +144,16 @@ class RowSubset:
             outer = self.parent.mask.copy()
             outer[outer] = mask
             self.parent, mask = self.parent.parent, outer
+        views = views_per_example(self.parent)
+        if views > 1 and (len(mask) % views or (mask.reshape(-1, views) != mask[::views, None]).any()):
+            # A subset that split an example's views would put one example on both sides of a hold-out.
+            raise DataError(f"a row subset must keep or drop all {views} views of each example together")
         self.mask = mask.copy()
         self.mask.flags.writeable = False
+
+    @property
+    def views_per_example(self) -> int:
+        return views_per_example(self.parent)
 
     @functools.cached_property
     def num_examples(self) -> int:
@@ -214,11 +283,22 @@ class TrainingData:
     # Values kept for this object's lifetime only (device-resident rows, per-row scales of one fit).
     device_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        # Whole examples per block; a distributed fit aligns the block size it numbers blocks by the same way.
+        self.block_rows = aligned_block_rows(self.block_rows, self.views)
+
+    @property
+    def views(self) -> int:
+        """V, the rows per example (consecutive)."""
+        return views_per_example(self.source)
+
     @property
     def backend(self):
-        from featdp.backend import resolve
+        """Where the sums run; with V > 1 views, each example's rows count as their average."""
+        from featdp.backend import ViewAveraging, resolve
 
-        return resolve(self.device)
+        backend = resolve(self.device)
+        return backend if self.views == 1 else ViewAveraging(backend, self.views)
 
     @property
     def num_examples(self) -> int:
@@ -411,9 +491,10 @@ def maybe_in_memory(source: RowSource, budget_bytes: int = IN_MEMORY_BUDGET_BYTE
         return source
     from featdp.featurefile import Split
 
+    views = views_per_example(source)
     if isinstance(source, Split):
         features, labels = source.read()
-        return ArraySource(features, labels, source.num_classes)
+        return ArraySource(features, labels, source.num_classes, views)
     features = np.empty((source.num_examples, source.feature_dim), np.float32)
     labels = np.empty((source.num_examples,), np.int64)
     start = 0
@@ -423,4 +504,4 @@ def maybe_in_memory(source: RowSource, budget_bytes: int = IN_MEMORY_BUDGET_BYTE
         start += len(y)
     if start != source.num_examples:
         raise DataError(f"the split yielded {start} rows, but declares {source.num_examples}")
-    return ArraySource(features, labels, source.num_classes)
+    return ArraySource(features, labels, source.num_classes, views)

@@ -195,5 +195,9 @@ def sampling_slack(coordinates: int, epsilon: float, delta: float, eta: float = 
     """
     m = float(coordinates)
     epsilon_slack = m * (math.log1p(eta) - math.log1p(-eta))
-    delta_out = math.exp(m * math.log1p(eta)) * (delta + math.exp(epsilon) * m * tail_mass)
-    return epsilon + epsilon_slack, delta_out
+    tail = m * tail_mass
+    if tail > 0 and epsilon + math.log(tail) >= 0:
+        # e^ε·M·t ≥ 1: the bound says nothing (and e^ε overflows a float past ε ≈ 709).
+        return epsilon + epsilon_slack, 1.0
+    delta_out = math.exp(m * math.log1p(eta)) * (delta + math.exp(epsilon) * tail)
+    return epsilon + epsilon_slack, min(1.0, delta_out)

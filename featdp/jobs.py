@@ -20,7 +20,7 @@ import numpy as np
 
 from featdp import distributed, report as report_lib
 from featdp.checksums import file_sha256
-from featdp.data import DEFAULT_BLOCK_ROWS
+from featdp.data import DEFAULT_BLOCK_ROWS, aligned_block_rows, views_per_example
 from featdp.featurefile import FeatureFile, FeatureFileError
 from featdp.report import OutputError, OutputInUseError
 from featdp.training import FitResult, fit
@@ -69,7 +69,9 @@ def fit_feature_file(
             train = features.split(train_split)
             test = _test_split(features, test_split)
             if group.count > 1:
-                train = train.rows(*group.row_range(train.num_examples, block_rows or DEFAULT_BLOCK_ROWS))
+                # Shares start at block boundaries, and blocks hold whole examples (all of their views).
+                block_rows = aligned_block_rows(block_rows or DEFAULT_BLOCK_ROWS, views_per_example(train))
+                train = train.rows(*group.row_range(train.num_examples, block_rows))
             result = fit(
                 train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
                 hyperparameters=hyperparameters, device=device, processes=group, block_rows=block_rows,
@@ -91,7 +93,7 @@ def _accuracy(head, test, group) -> float:
     """Top-1 of `head` on `test`: on one process directly; on several, each counts its share of the rows."""
     if group.count == 1:
         return head.accuracy(test)
-    rows = test.rows(*group.row_range(test.num_examples))
+    rows = test.rows(*group.row_range(test.num_examples, views_per_example(test)))
     correct = head.accuracy(rows) * rows.num_examples
     right, total = group.sum(np.array([correct, rows.num_examples], np.float64))
     return float(right / max(total, 1.0))

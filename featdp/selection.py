@@ -87,7 +87,10 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from featdp import accounting, integer_gaussian, mechanism, report as report_lib
 from featdp.accounting import PrivacyParameterError, PrivacyTarget
 from featdp.cache import StatisticsCache
-from featdp.data import ArraySource, DataError, RowSource, RowSubset, TrainingData, maybe_in_memory
+from featdp.data import (
+    DEFAULT_BLOCK_ROWS, ArraySource, DataError, RowSource, RowSubset, TrainingData, aligned_block_rows, example_count,
+    maybe_in_memory, views_per_example,
+)
 from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
 from featdp.methods import HyperparameterError, Method, get_method, registry
 from featdp.randomness import BitStream
@@ -136,8 +139,12 @@ def in_validation(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def split_parts(source: RowSource) -> tuple[RowSubset, RowSubset]:
-    """(fit part, validation part) of `source`, by `in_validation`: masks over its rows, not copies."""
-    masks = [in_validation(x, y) for x, y in source.blocks()]
+    """(fit part, validation part) of `source`, by `in_validation`: masks over its rows, not copies. With
+    several views per example, an example's first view decides where all of its views go, so that no
+    example is on both sides (parallel composition needs disjoint examples)."""
+    views = views_per_example(source)
+    masks = [np.repeat(in_validation(x[::views], y[::views]), views)
+             for x, y in source.blocks(aligned_block_rows(DEFAULT_BLOCK_ROWS, views))]
     validation = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
     return RowSubset(source, ~validation), RowSubset(source, validation)
 
@@ -680,14 +687,16 @@ class SelectionResult(LinearHead):
         return self.calibration.event
 
 
-def _correct(method: Method, weights: np.ndarray, part: RowSource) -> int:
-    """How many rows of `part` the head predicts right, block by block."""
+def _correct(method: Method, weights: np.ndarray, part: RowSource) -> float:
+    """How many examples of `part` the head predicts right, block by block; an example of V views counts
+    as the fraction of its views predicted right, so one example moves the count by at most 1 (the score's
+    sensitivity) however many views it has."""
     preprocess, weights = method.preprocessing(), weights.astype(np.float32)
     correct = 0
     for x, y in part.blocks():
         if len(y):
             correct += int(np.sum(np.argmax(preprocess(x) @ weights, axis=1) == y))
-    return correct
+    return correct / views_per_example(part)
 
 
 def select(
@@ -720,7 +729,7 @@ def select(
         )
     distribution = RunsDistribution(mean_runs, shape)
     build_candidates(methods, grid, 1000.0)  # every argument error before anything is released
-    n = train.num_examples
+    n = example_count(train)  # examples, not views: what the released count counts
     if n == 0:
         raise DataError("the training split is empty: there is nothing to tune on")
     started = time.perf_counter()

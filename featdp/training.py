@@ -22,7 +22,8 @@ from featdp.cache import StatisticsCache
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.backend import resolve as resolve_backend
 from featdp.data import (
-    DEFAULT_BLOCK_ROWS, PIECE_BYTES, ArraySource, DataError, RowSource, TrainingData, maybe_in_memory,
+    DEFAULT_BLOCK_ROWS, PIECE_BYTES, ArraySource, DataError, RowSource, TrainingData, aligned_block_rows,
+    example_count, maybe_in_memory, views_per_example,
 )
 from featdp.featurefile import check_allocation
 from featdp.mechanism import Release, Releaser, ReleaserInterface, sampling_slack
@@ -92,7 +93,7 @@ class LinearHead:
 class FitResult(LinearHead):
     method: Method
     weights: np.ndarray  # (d, K); predict argmax_c (Wᵀ preprocess(x))_c
-    num_examples: int  # the true n: for the caller's own use, never written to a report
+    num_examples: int  # the true n (examples, not views): for the caller's own use, never written to a report
     releases: list[Release]
     calibration: accounting.Calibration | None  # the method's noise; None for non-private methods
     seeded: bool
@@ -131,7 +132,9 @@ def fit(
     passes over the data run (`featdp.backend.DEVICES`: "auto" is an accelerator if JAX has one, else
     numpy on the CPU); noise is always drawn on the host.
 
-    `train` is held in memory when it fits `featdp.data.IN_MEMORY_BUDGET_BYTES` and streamed otherwise.
+    `train` is held in memory when it fits `featdp.data.IN_MEMORY_BUDGET_BYTES` and streamed otherwise. With
+    several views per example (`featdp.data`: augmentation multiplicity) n counts examples, and every
+    statistic counts an example as the average of its views, at the one-view sensitivity.
     With `cache` (`featdp.cache.StatisticsCache`) the fit reuses exact pre-noise statistics of `train`
     computed by earlier fits sharing it, and uses `train` where it is (its holder chose); the result is
     the same, bit for bit, and the noise is still this fit's own.
@@ -151,9 +154,12 @@ def fit(
             f"method {method.name!r} is a non-private reference, which runs on one process only; drop "
             "--num-processes (or pass --num-processes 1)"
         )
-    # Row blocks: the caller's, or TrainingData's own default; several processes need the size they align to.
-    blocks = {} if block_rows is None and group.count == 1 else {"block_rows": block_rows or DEFAULT_BLOCK_ROWS}
-    local_n = train.num_examples
+    # Row blocks: the caller's, or TrainingData's own default; several processes need the size they align to
+    # (whole examples: a block never splits an example's views).
+    views = views_per_example(train)
+    blocks = {} if block_rows is None and group.count == 1 else {
+        "block_rows": aligned_block_rows(block_rows or DEFAULT_BLOCK_ROWS, views)}
+    local_n = example_count(train)  # examples, not rows: one example is what a neighbour adds or removes
     n = group.total(local_n)
     if n == 0:
         raise DataError("the training split is empty: there is nothing to fit")

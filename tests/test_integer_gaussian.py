@@ -96,3 +96,9 @@ def test_chunks_of_a_large_release_are_independent_and_reproducible():
     np.testing.assert_array_equal(first, mechanism.integer_noise(key, 3 * 2**20 + 5, PRODUCTION_SCALE))
     chunks = first[: 3 * 2**20].reshape(3, -1)
     assert abs(np.corrcoef(chunks)[np.triu_indices(3, 1)]).max() < 0.01
+
+
+def test_sampling_slack_at_a_huge_epsilon_is_vacuous_not_an_overflow():
+    # e^ε overflows a float past ε ≈ 709; the bound is δ' ≤ 1 there, as everywhere e^ε·M·t ≥ 1.
+    assert integer_gaussian.sampling_slack(40, 1e4, 1e-6)[1] == 1.0
+    assert integer_gaussian.sampling_slack(40, 1.0, 1e-6)[1] < 2e-6

@@ -72,7 +72,7 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"n = {result.num_train} train / {result.num_test} test, d = {result.feature_dim}, "
+        f"n = {result.num_train} train{_views_note(result)} / {result.num_test} test, d = {result.feature_dim}, "
         f"K = {result.num_classes}; δ = {config.delta:g}; {config.seeds} seeds (0…{config.seeds - 1}; seeded "
         f"noise, reproducible); accountant {config.accountant}{rdp}. Cells: test top-1 % median ± std over seeds.",
         "",
@@ -181,8 +181,15 @@ def from_json(text: str) -> BenchResult:
     return BenchResult(
         BenchConfig(**config), rows, record["num_train"],
         record["num_test"], record["feature_dim"], record["num_classes"], record["statistics_seconds"],
-        record["total_seconds"], record["skipped"],
+        record["total_seconds"], record["skipped"], record.get("train_views", 1),
     )
+
+
+def _views_note(result: BenchResult) -> str:
+    """How many views each training example has, when more than one (each counts as their average)."""
+    if result.train_views == 1:
+        return ""
+    return f" (× {result.train_views} views each, averaged per example; peers see the first view)"
 
 
 def _tuned_choices(rows: list[BenchRow]) -> dict:
@@ -213,7 +220,7 @@ def to_json(result: BenchResult, command: str) -> str:
             "num_train": result.num_train, "num_test": result.num_test,
             "feature_dim": result.feature_dim, "num_classes": result.num_classes,
             "statistics_seconds": result.statistics_seconds, "total_seconds": result.total_seconds,
-            "skipped": result.skipped,
+            "skipped": result.skipped, "train_views": result.train_views,
             "rows": [dataclasses.asdict(r) for r in result.rows],
         },
         indent=1, default=str,

@@ -37,7 +37,9 @@ from featdp import progress, selection, stats
 from featdp.accounting import DeltaWarning, PrivacyParameterError, PrivacyTarget
 from featdp.bench import tuning
 from featdp.cache import StatisticsCache
-from featdp.data import IN_MEMORY_BUDGET_BYTES, ArraySource, Preprocessing, RowSource, TrainingData
+from featdp.data import (
+    IN_MEMORY_BUDGET_BYTES, ArraySource, Preprocessing, RowSource, TrainingData, example_count, views_per_example,
+)
 from featdp.methods import get_method, registry
 from featdp.training import fit
 
@@ -146,6 +148,7 @@ class BenchResult:
     statistics_seconds: float  # the one-time exact Gram pass shared by the second-moment methods
     total_seconds: float
     skipped: dict[str, str]  # peer, or "method private-tuned at ε = e" -> why it did not run
+    train_views: int = 1  # views per training example (augmentation multiplicity); num_train counts examples
 
 
 def load_splits(path, train_split: str = "train", test_split: str = "test",
@@ -165,7 +168,7 @@ def load_splits(path, train_split: str = "train", test_split: str = "test",
                 continue
             x, y = split.read()
             x.flags.writeable = y.flags.writeable = False  # the cache's statistics of them stay true
-            sources.append(ArraySource(x, y, split.num_classes))
+            sources.append(ArraySource(x, y, split.num_classes, views_per_example(split)))
             held += split.nbytes_float32()
     finally:
         if all(isinstance(source, ArraySource) for source in sources) or len(sources) < 2:
@@ -217,7 +220,7 @@ def run_bench(
                 if config.tune:
                     choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant,
                                            cache)
-                    choice = dataclasses.replace(choice, method=tuning.for_examples(name, choice, train.num_examples))
+                    choice = dataclasses.replace(choice, method=tuning.for_examples(name, choice, example_count(train)))
                     for seed in range(config.seeds):
                         row = _tuned_row(choice, rows, train, test, epsilon, config, seed, cache)
                         row.validation_accuracy = choice.validation_accuracy
@@ -237,8 +240,9 @@ def run_bench(
                             break
         skipped.update(_run_peers(train, test, config, emit))
     progress.report("bench rows", len(rows), len(rows))  # done, also when skipped rows left it short of `planned`
-    return BenchResult(config, rows, train.num_examples, test.num_examples, train.feature_dim,
-                       train.num_classes, statistics_seconds, time.perf_counter() - started, skipped)
+    return BenchResult(config, rows, example_count(train), example_count(test), train.feature_dim,
+                       train.num_classes, statistics_seconds, time.perf_counter() - started, skipped,
+                       views_per_example(train))
 
 
 def _method_names(config: BenchConfig) -> tuple[list[str], list[str]]:
@@ -332,9 +336,13 @@ def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
     if not (isinstance(train, ArraySource) and isinstance(test, ArraySource)):
         reason = "the splits are streamed (larger than the in-memory budget); peers need them in memory"
         return {name: reason for name in config.peers}
-    # Peers get exactly the rows featdp's default methods train on: unit norm ≤ 1.
+    # Peers get exactly the rows featdp's default methods train on: unit norm ≤ 1. They count rows as
+    # examples, so with several views per example they get each example's first view only (their ε would
+    # otherwise be per view, not per example).
     preprocess = Preprocessing()
-    train_x, test_x = preprocess(train.features), preprocess(test.features)
+    train_views, test_views = views_per_example(train), views_per_example(test)
+    train_x, train_y = preprocess(train.features[::train_views]), train.labels[::train_views]
+    test_x, test_y = preprocess(test.features[::test_views]), test.labels[::test_views]
     skipped = {}
     for name in config.peers:
         reason = peers.peer_available(name)
@@ -344,7 +352,7 @@ def _run_peers(train, test, config: BenchConfig, emit) -> dict[str, str]:
         budgets: Iterable = (config.peer_epsilons or config.epsilons) if peers.is_private(name) else (None,)
         for epsilon in budgets:
             for seed in range(config.peer_seeds or config.seeds if epsilon is not None else 1):
-                result = peers.run_peer(name, train_x, train.labels, test_x, test.labels, train.num_classes,
+                result = peers.run_peer(name, train_x, train_y, test_x, test_y, train.num_classes,
                                         epsilon, config.delta if epsilon is not None else None, seed)
                 emit(BenchRow("peer", name, result.epsilon, result.delta, seed, result.accuracy, result.seconds,
                               dict(result.settings)))

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from featdp.cache import StatisticsCache
-from featdp.data import RowSource, RowSubset
+from featdp.data import RowSource, RowSubset, example_count, views_per_example
 from featdp.methods import Method, get_method, registry
 from featdp.training import fit
 
@@ -34,12 +34,14 @@ class Choice:
 
 
 def split_holdout(train: RowSource, fraction: float) -> tuple[RowSubset, RowSubset]:
-    """(fit part, held-out part), the held-out part `fraction` of the rows, at least one row each; both in
-    row order, masks over `train` (no copy of its rows)."""
-    n = train.num_examples
+    """(fit part, held-out part), the held-out part `fraction` of the examples, at least one each; both in
+    row order, masks over `train` (no copy of its rows). An example's views stay together."""
+    views = views_per_example(train)
+    n = example_count(train)
     held = min(max(1, round(fraction * n)), n - 1)
     out = np.zeros(n, dtype=bool)
     out[np.random.default_rng(SPLIT_SEED).permutation(n)[:held]] = True
+    out = np.repeat(out, views)
     return RowSubset(train, ~out), RowSubset(train, out)
 
 
@@ -48,7 +50,7 @@ def choose(name: str, fit_part: RowSource, holdout: RowSource, epsilon: float, d
     """The candidate of `name`'s tuning grid with the best held-out accuracy at (ε, δ); ties keep the
     earlier candidate, so the defaults win unless something beats them. `cache`: as `training.fit`'s
     (candidates that differ only in λ release the same noisy matrix, decomposed once)."""
-    grid = registry()[name].tuning_grid(fit_part.num_examples)
+    grid = registry()[name].tuning_grid(example_count(fit_part))
     if len(grid) == 1:  # nothing to choose: no held-out fit
         return Choice(get_method(name, **grid[0]), 0, None, ((grid[0], None),))
     scored = []
@@ -63,6 +65,6 @@ def choose(name: str, fit_part: RowSource, holdout: RowSource, epsilon: float, d
 
 
 def for_examples(name: str, choice: Choice, num_examples: int) -> Method:
-    """The chosen candidate rebuilt for `num_examples` rows: grids may scale with n (e.g. a batch size
+    """The chosen candidate rebuilt for `num_examples` examples: grids may scale with n (e.g. a batch size
     that keeps the sampling rate), and the final fit uses all of the train split, not the fit part."""
     return get_method(name, **registry()[name].tuning_grid(num_examples)[choice.index])

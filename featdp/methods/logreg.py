@@ -15,7 +15,8 @@ from featdp.methods.base import Method, positive, register
 @register
 @dataclasses.dataclass(frozen=True)
 class LogisticRegression(Method):
-    """argmin_W Σ_i CE(softmax(Wᵀx_i), y_i) + (l2/2)‖W‖². NOT private.
+    """argmin_W Σ_i CE(softmax(Wᵀx_i), y_i) + (l2/2)‖W‖². NOT private. (With V views per example the
+    loss of example i is the average over its views: the sum over rows is scaled by 1/V.)
 
     Each L-BFGS evaluation is one streaming pass. Default l2 = 1, scikit-learn's default (C = 1 there:
     ½‖W‖² + C·Σ loss), max_iter = 1000. On Fashion-MNIST ScatterNet features (unit-norm rows) l2 = 1
@@ -43,6 +44,8 @@ class LogisticRegression(Method):
     def fit(self, data, noise_scale, releaser):
         d, k = data.feature_dim, data.num_classes
         l2 = self.l2 if self.l2 is not None else 1.0
+        # Each example's loss is the average over its views, as every private method counts it.
+        l2 *= data.views
 
         def loss_and_gradient(flat):
             weights = flat.reshape(d, k)
