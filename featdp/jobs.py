@@ -20,7 +20,7 @@ import numpy as np
 
 from featdp import distributed, report as report_lib
 from featdp.checksums import file_sha256
-from featdp.data import DEFAULT_BLOCK_ROWS, aligned_block_rows, views_per_example
+from featdp.data import DEFAULT_BLOCK_ROWS, IN_MEMORY_BUDGET_BYTES, aligned_block_rows, views_per_example
 from featdp.featurefile import FeatureFile, FeatureFileError
 from featdp.report import OutputError, OutputInUseError
 from featdp.training import FitResult, fit
@@ -53,6 +53,7 @@ def fit_feature_file(
     device: str = "auto",
     processes: distributed.LocalGroup | distributed.ProcessGroup | None = None,
     block_rows: int | None = None,
+    memory_budget_bytes: int = IN_MEMORY_BUDGET_BYTES,
 ) -> FitJobResult:
     """Fits on `train_split`, reports top-1 on `test_split` (None or "": no evaluation), writes head + report
     to `out_dir` as one unit. `device`: where the passes over the data run (`featdp.training.fit`).
@@ -75,6 +76,7 @@ def fit_feature_file(
             result = fit(
                 train, method, epsilon=epsilon, delta=delta, seed=seed, accountant=accountant,
                 hyperparameters=hyperparameters, device=device, processes=group, block_rows=block_rows,
+                memory_budget_bytes=memory_budget_bytes,
             )
             accuracy = _accuracy(result, test, group) if test is not None else None
             metadata = features.metadata
@@ -130,6 +132,7 @@ def tune_feature_file(
     test_split: str | None = "test",
     out_dir: str | os.PathLike | None = None,
     on_run: Callable[[int, int], None] | None = None,
+    memory_budget_bytes: int = IN_MEMORY_BUDGET_BYTES,
 ) -> TuneJobResult:
     """Private selection (`featdp.selection.select`) on `train_split`, top-1 of the chosen head on
     `test_split` (None or "": no evaluation); head + privacy report written to `out_dir` as one unit."""
@@ -145,7 +148,7 @@ def tune_feature_file(
             test = _test_split(features, test_split)
             result = selection.select(
                 train, methods, epsilon=epsilon, delta=delta, grid=grid, seed=seed, accountant=accountant,
-                on_run=on_run, **options,
+                on_run=on_run, memory_budget_bytes=memory_budget_bytes, **options,
             )
             accuracy = result.accuracy(test) if test is not None else None
             metadata = features.metadata

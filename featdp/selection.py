@@ -88,7 +88,7 @@ from featdp import accounting, integer_gaussian, mechanism, report as report_lib
 from featdp.accounting import PrivacyParameterError, PrivacyTarget
 from featdp.cache import StatisticsCache
 from featdp.data import (
-    DEFAULT_BLOCK_ROWS, ArraySource, DataError, RowSource, RowSubset, TrainingData, aligned_block_rows, example_count,
+    DEFAULT_BLOCK_ROWS, IN_MEMORY_BUDGET_BYTES, ArraySource, DataError, RowSource, RowSubset, TrainingData, aligned_block_rows, example_count,
     maybe_in_memory, views_per_example,
 )
 from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
@@ -712,13 +712,14 @@ def select(
     accountant: str = ACCOUNTANT,
     on_run: Callable[[int, int], None] | None = None,
     cache: StatisticsCache | None = None,
+    memory_budget_bytes: int = IN_MEMORY_BUDGET_BYTES,
 ) -> SelectionResult:
     """Private selection among `methods` (× `grid`) on `train` with (ε, δ)-DP overall (module docstring).
 
     `on_run(done, total)` is called before the first run and after each: `total` is K, which the
     guarantee does not cover — show it to the operator, never publish it. `cache`: exact pre-noise
     statistics shared with other fits and selections on `train` (`training.fit`'s `cache`); the runs of
-    one selection share theirs in any case."""
+    one selection share theirs in any case. `memory_budget_bytes`: as `training.fit`'s."""
     if isinstance(methods, str):
         methods = (methods,)
     target = PrivacyTarget(epsilon, delta, accountant)
@@ -735,7 +736,7 @@ def select(
     started = time.perf_counter()
     key = make_key(seed)
     # Held once, where `fit` would hold it (the caller's rows as they are with a cache): the parts are masks.
-    source = train if cache is not None else maybe_in_memory(train)
+    source = train if cache is not None else maybe_in_memory(train, memory_budget_bytes)
     fit_part, validation_part = split_parts(source)  # reads (and validates) every row before anything runs
     # The runs share the fit part's exact statistics; their released matrices never recur (each run draws
     # its own noise), so no decomposition is kept.

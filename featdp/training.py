@@ -22,7 +22,7 @@ from featdp.cache import StatisticsCache
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.backend import resolve as resolve_backend
 from featdp.data import (
-    DEFAULT_BLOCK_ROWS, PIECE_BYTES, ArraySource, DataError, RowSource, TrainingData, aligned_block_rows,
+    DEFAULT_BLOCK_ROWS, IN_MEMORY_BUDGET_BYTES, PIECE_BYTES, ArraySource, DataError, RowSource, TrainingData, aligned_block_rows,
     example_count, maybe_in_memory, views_per_example,
 )
 from featdp.featurefile import check_allocation
@@ -125,6 +125,7 @@ def fit(
     cache: StatisticsCache | None = None,
     processes: distributed.LocalGroup | distributed.ProcessGroup | None = None,
     block_rows: int | None = None,
+    memory_budget_bytes: int = IN_MEMORY_BUDGET_BYTES,
 ) -> FitResult:
     """Trains `method` on `train` with (ε, δ)-DP; noise comes from the OS unless `seed` is given.
 
@@ -132,7 +133,7 @@ def fit(
     passes over the data run (`featdp.backend.DEVICES`: "auto" is an accelerator if JAX has one, else
     numpy on the CPU); noise is always drawn on the host.
 
-    `train` is held in memory when it fits `featdp.data.IN_MEMORY_BUDGET_BYTES` and streamed otherwise. With
+    `train` is held in memory when its float32 rows fit `memory_budget_bytes` and streamed otherwise. With
     several views per example (`featdp.data`: augmentation multiplicity) n counts examples, and every
     statistic counts an example as the average of its views, at the one-view sensitivity.
     With `cache` (`featdp.cache.StatisticsCache`) the fit reuses exact pre-noise statistics of `train`
@@ -172,7 +173,7 @@ def fit(
     # Progress over the fit's phases (read, [count, calibrate,] train); the method reports its own loops.
     task, phases = f"fit {method.name}", 4 if method.private else 2
     progress.report(task, 0, phases, "reading the train split")
-    source = train if cache is not None else maybe_in_memory(train)
+    source = train if cache is not None else maybe_in_memory(train, memory_budget_bytes)
     if not method.private:
         progress.report(task, 1, phases, "training")
         start = time.perf_counter()

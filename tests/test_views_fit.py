@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FULL_BATCH_VARIANTS, assert_close, make_blobs, run_recorded, variant_id
+from conftest import FULL_BATCH_VARIANTS, assert_close, invoke, make_blobs, run_recorded, variant_id
 from featdp import selection
 from featdp.backend import NumpyBackend, ViewAveraging
 from featdp.bench import tuning
@@ -217,3 +217,19 @@ def test_bench_holdout_keeps_examples_whole():
     train = ArraySource(views_of(x, 3), y, 2)
     fit_part, held = tuning.split_holdout(train, 0.2)
     assert example_count(held) == 20 and example_count(fit_part) == 80
+
+
+def test_a_streamed_split_fits_the_head_the_in_memory_split_fits(tmp_path):
+    from featdp.featurefile import FeatureFile, write_features
+
+    x, y = make_blobs(n=300, d=6, k=3, seed=8)
+    path = write_features(tmp_path / "f.h5", {"train": (x, y), "test": (x[:50], y[:50])})
+    with FeatureFile(path) as features:
+        split = features.split("train")
+        held = fit(split, "dp-fc", epsilon=1.0, delta=1e-5, seed=4)
+        streamed = fit(split, "dp-fc", epsilon=1.0, delta=1e-5, seed=4, memory_budget_bytes=0)
+    # The same noise; sums over rows in memory run in other chunks (featdp.host_gradients): float rounding only.
+    assert_close(streamed.weights, held.weights, rtol=1e-5)
+    result = invoke("fit", path, "--eps", "1", "--memory-gib", "-1", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "--memory-gib must be a finite number ≥ 0, got -1" in result.output
+    assert not (tmp_path / "o").exists()
