@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import pathlib
 import sys
 import time
@@ -102,6 +103,16 @@ def _extraction_errors() -> tuple[type[Exception], ...]:
             NotADirectoryError, PermissionError, ValueError)
 
 
+MEMORY_GIB = typer.Option(1.0, "--memory-gib", help="Hold the train split in memory (as float32) when it fits this many GiB; a larger one is read from the file on every pass.")
+
+
+def _memory_budget(gib: float) -> int:
+    """--memory-gib in bytes; exits with an error line unless it is a finite number ≥ 0."""
+    if not (math.isfinite(gib) and gib >= 0):
+        _fail(f"--memory-gib must be a finite number ≥ 0, got {gib:g}")
+    return int(gib * 2**30)
+
+
 def _fail(message: str) -> None:
     errors.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
@@ -179,6 +190,7 @@ def fit(
     num_processes: Optional[int] = NUM_PROCESSES,
     process_id: Optional[int] = PROCESS_ID,
     coordinator_timeout: float = COORDINATOR_TIMEOUT,
+    memory_gib: float = MEMORY_GIB,
 ):
     """Train a private linear head on the train split and report test accuracy."""
     from featdp.jobs import fit_feature_file
@@ -198,6 +210,7 @@ def fit(
             job = fit_feature_file(
                 features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant.value,
                 train_split=train_split, test_split=test_split, out_dir=out, device=device.value, processes=group,
+                memory_budget_bytes=_memory_budget(memory_gib),
             )
     except _user_errors() as error:
         _fail(str(error))
@@ -249,6 +262,7 @@ def tune(
     out: Optional[pathlib.Path] = typer.Option(None, "--out", help="Output directory for head + report; default: heads/tune_eps<ε>. A previous head and report there are replaced."),
     train_split: str = typer.Option("train", "--train-split", help=TRAIN_SPLIT_HELP),
     test_split: str = typer.Option("test", "--test-split", help=TEST_SPLIT_HELP),
+    memory_gib: float = MEMORY_GIB,
 ):
     """Choose a method and hyperparameters privately (random stopping, Papernot & Steinke 2022) and write the chosen head."""
     from featdp.jobs import tune_feature_file
@@ -270,6 +284,7 @@ def tune(
                 features, methods, epsilon=eps, delta=delta, mean_runs=mean_runs, shape=shape, grid=grid,
                 seed=seed, accountant=accountant.value, train_split=train_split, test_split=test_split,
                 out_dir=out, on_run=lambda done, total: display(Update("runs", done, total)),
+                memory_budget_bytes=_memory_budget(memory_gib),
             )
     except (SelectionError, *_user_errors()) as error:
         _fail(str(error))
@@ -294,7 +309,8 @@ def _print_tune_summary(job) -> None:
 
 @app.command()
 def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), help=FEATURES_HELP)):
-    """Print a feature file's metadata and splits (an unfinished split: rows written of the rows declared)."""
+    """Print a feature file's metadata and splits (an unfinished split: rows written of the rows declared; a
+    split of augmented views: its examples, views per example and rows)."""
     from featdp.featurefile import FeatureFile
 
     try:
@@ -305,15 +321,22 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), he
                 text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
                 table.add_row(Text(key), Text(text if len(text) < 200 else text[:197] + "..."))
             console.print(table)
-            splits = Table("split", "examples", "dim", "dtype", "state")
-            for name in handle.split_names:
-                split = handle.split(name, require_complete=False)
+            opened = [handle.split(name, require_complete=False) for name in handle.split_names]
+            # A views column only where a split holds augmented views: a one-view file prints as it always did.
+            with_views = any(split.views_per_example > 1 for split in opened)
+            splits = Table("split", "examples", *(["views"] if with_views else []), "dim", "dtype", "state")
+            for split in opened:
+                views = split.views_per_example
                 if split.complete:
-                    examples, state = str(split.declared_examples), "complete"
+                    examples, state = str(split.declared_examples // views), "complete"
                 else:
-                    examples = f"{split.rows_done} of {split.declared_examples}"
+                    examples = f"{split.rows_done // views} of {split.declared_examples // views}"
                     state = Text("unfinished: re-run the extraction to finish it", style="yellow")
-                splits.add_row(Text(name), examples, str(split.feature_dim), Text(str(split.dtype)), state)
+                if views > 1:
+                    done = "" if split.complete else f"{split.rows_done} of "
+                    examples += f" ({done}{split.declared_examples} rows)"
+                splits.add_row(Text(split.name), examples, *([str(views)] if with_views else []),
+                               str(split.feature_dim), Text(str(split.dtype)), state)
             console.print(splits)
     except _user_errors() as error:
         _fail(str(error))
@@ -487,6 +510,7 @@ def bench(
     train_split: str = typer.Option("train", "--train-split", help=TRAIN_SPLIT_HELP),
     test_split: str = typer.Option("test", "--test-split", help="Split to report top-1 on."),
     accountant: Accountant = typer.Option("pld", "--accountant", help="Accountant of the default and oracle rows (private-tuned rows: rdp)."),
+    memory_gib: float = typer.Option(1.0, "--memory-gib", help="Hold the splits in memory (as float32) while they fit this many GiB; larger splits are read from the file on every pass, and peers are skipped."),
 ):
     """Every method × ε × seed on one feature file (plus private-tuned, oracle, non-private and peer rows): tables and a plot."""
     from featdp.bench import report as bench_report
@@ -500,7 +524,9 @@ def bench(
         + ([f"--peers {peers}"] if peers else []) + ([f"--peer-eps {peer_eps}"] if peer_eps else [])
         + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else [])
         + ([f"--accountant {accountant.value}"] if accountant.value != "pld" else [])
+        + ([f"--memory-gib {memory_gib:g}"] if memory_gib != 1.0 else [])
     )
+    budget = _memory_budget(memory_gib)
     try:
         epsilons = tuple(float(e) for e in eps.split(","))
         peer_epsilons = tuple(float(e) for e in peer_eps.split(",")) if peer_eps else None
@@ -513,7 +539,7 @@ def bench(
             references=references, peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons,
             peer_seeds=peer_seeds,
         )
-        train, test = load_splits(features, train_split, test_split)
+        train, test = load_splits(features, train_split, test_split, budget_bytes=budget)
 
         def show(row):
             budget = "non-private" if row.epsilon is None else f"ε={row.epsilon:g} seed {row.seed}"
@@ -555,6 +581,10 @@ def extract(
     workers: Optional[int] = typer.Option(
         None, "--workers", help="Loader processes decoding and resizing images (default: min(16, CPU count)); 0 or 1 loads in this process."
     ),
+    views: int = typer.Option(1, "--views", help="Views per training example; 1 = no augmentation. N > 1 writes "
+                              "N rows per example of the train split: the image and N-1 random flips and shifts."),
+    augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the --views augmentations (public, "
+                                     "recorded in the file)."),
     coordinator: Optional[str] = COORDINATOR,
     num_processes: Optional[int] = NUM_PROCESSES,
     process_id: Optional[int] = PROCESS_ID,
@@ -570,12 +600,13 @@ def extract(
     config = ExtractConfig(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
         data_dir=data_dir, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, batch_size=batch_size,
-        limit=limit, overwrite=overwrite, dtype=dtype.value, **({} if workers is None else {"workers": workers}),
+        limit=limit, overwrite=overwrite, dtype=dtype.value, views=views, augment_seed=augment_seed,
+        **({} if workers is None else {"workers": workers}),
     )
     try:
         command = dict(command="extract", backbone=backbone, dataset=dataset, out=str(out), splits=splits,
                        checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, limit=limit, overwrite=overwrite,
-                       dtype=dtype.value)
+                       dtype=dtype.value, views=views, augment_seed=augment_seed)
         with ProgressDisplay(console) as display, _process_group(
                 coordinator, num_processes, process_id, coordinator_timeout, command) as group:
             extraction = _ExtractionProgress(display)

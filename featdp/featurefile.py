@@ -9,7 +9,14 @@ Layout, format version 1 (this docstring is the format's specification)::
     /<split>/features  (N, D) float16 or float32, chunked by rows, uncompressed
     /<split>/labels    (N,) int32
     /<split>/index     (N,) int64, position of the example in the source dataset
-    /<split>           attrs: num_examples, rows_done, complete
+    /<split>           attrs: num_examples, rows_done, complete, views (int64 >= 1; absent: 1)
+
+Views: a split may hold V augmented views of each example (`featdp extract --views V`). Its rows are then
+example-major: rows [i·V, (i+1)·V) are the V views of its i-th example, with equal labels and index; view 0
+is the unaugmented image, exactly the row a one-view extraction writes. num_examples and rows_done count
+rows (N = n·V) and are multiples of V. A split without the attribute holds one view per example, so every
+file written before views existed reads as it always did. Whoever fits on such a split must treat the V
+rows of an example as one record of the neighbouring relation.
 
 The part files of a sharded feature file (written by `featdp extract` with several processes) also carry
 the root attribute `part` (JSON: run_id, index, count, first_rows); the manifest that lists them is
@@ -61,6 +68,10 @@ import featdp
 
 FORMAT = "featdp-features"
 FORMAT_VERSION = 1
+# A file holding a split of several views per example says so in its version, so that a featdp that
+# predates views refuses it instead of counting each view as an example (which would break its accounting).
+VIEWS_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION)
 
 _FEATURE_DTYPES = ("float16", "float32")
 # ~1 MiB chunks: large enough that HDF5's per-chunk overhead is negligible, small enough that a
@@ -70,6 +81,9 @@ _CHUNK_BYTES = 1 << 20
 _WRITE_BLOCK_ROWS = 65536
 # Reads at least this large are checked against the memory available first.
 _CHECKED_READ_BYTES = 1 << 28
+# The most views per example a split may declare: far beyond any augmentation multiplicity in use (De et
+# al. 2022 use 16), low enough that a forged attribute cannot make a reader group rows by the billion.
+MAX_VIEWS = 1024
 
 
 class FeatureFileError(ValueError):
@@ -455,12 +469,12 @@ def _check_format(path, attrs: h5py.AttributeManager) -> None:
         raise _error(path, f"not a featdp feature file: root attribute format={shown!r}, expected {FORMAT!r}")
     version = _attr(path, attrs, "format_version", "root", None)
     version = version.item() if isinstance(version, np.generic) else version
-    if isinstance(version, (bool, float)) or not isinstance(version, int) or version != FORMAT_VERSION:
+    if isinstance(version, (bool, float)) or not isinstance(version, int) or version not in READABLE_FORMAT_VERSIONS:
         version = version if isinstance(version, (int, float, str, type(None))) else _show(version)
         raise _error(
             path,
             f"unsupported format_version {version!r}; this featdp ({featdp.__version__}) reads "
-            f"format_version {FORMAT_VERSION}",
+            f"format_version {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}",
         )
 
 
@@ -581,9 +595,70 @@ def _check_written(path, where: str, name: str, dataset: h5py.Dataset, rows: int
         )
 
 
-def _split_state(path, group: h5py.Group, name: str, feature_dim: int) -> tuple[int, int, bool]:
+def _views_attr(path, attrs, where: str) -> int:
+    """The split's `views` attribute: views per example, 1 when absent (files written before views)."""
+    value = _attr(path, attrs, "views", where, 1)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
+            1 <= value <= MAX_VIEWS):
+        raise _error(path, f"{where} attribute 'views' must be an integer in [1, {MAX_VIEWS}], got {_show(value)}")
+    return int(value)
+
+
+def _check_views_version(path, h5: h5py.File, where: str, views: int) -> None:
+    """A split of several views must sit in a file whose format_version says views may occur."""
+    version = h5.attrs.get("format_version")
+    if views > 1 and version != VIEWS_FORMAT_VERSION:
+        raise _error(path, f"{where} declares views={views}, but the file's format_version {_show(version)} has "
+                           f"one view per example (format_version {VIEWS_FORMAT_VERSION} files may hold views)")
+
+
+def _check_views(path, where: str, views: Any) -> int:
+    """`views` as given to the writer: an integer in [1, MAX_VIEWS]."""
+    if isinstance(views, (bool, np.bool_)) or not isinstance(views, (int, np.integer)) or not 1 <= views <= MAX_VIEWS:
+        raise _error(path, f"{where}: views={views!r} must be an integer in [1, {MAX_VIEWS}]")
+    return int(views)
+
+
+def _first_split_group(values: np.ndarray, first_row: int, views: int) -> int | None:
+    """The offset in `values` (the labels, or index, of rows first_row, first_row + 1, ...) of the first row
+    whose value differs from the row before it although both are views of one example; None if none.
+    Only pairs held in `values` are compared: a caller reading from the middle of an example passes the row
+    before its first (and first_row one lower) to cover the pair across the boundary."""
+    if views == 1 or values.size < 2:
+        return None
+    differs = values[1:] != values[:-1]
+    if not differs.any():  # fast path: the usual outcome, no row numbers needed
+        return None
+    same_example = (first_row + 1 + np.arange(values.size - 1)) % views != 0
+    bad = np.flatnonzero(differs & same_example)
+    return None if bad.size == 0 else int(bad[0]) + 1
+
+
+def _check_groups(path, split: str, what: str, values: np.ndarray, first_row: int, views: int,
+                  before: np.ndarray | None = None) -> None:
+    """FeatureFileError naming the row when two views of one example among rows first_row, first_row + 1,
+    ... hold different `values` (labels or index); `before`: the value of row first_row - 1, if read."""
+    if before is not None and len(before):
+        values, first_row = np.concatenate([before, values]), first_row - 1
+    bad = _first_split_group(values, first_row, views)
+    if bad is not None:
+        raise _split_group_error(path, split, what, values, first_row, bad, views)
+
+
+def _split_group_error(path, split: str, what: str, values: np.ndarray, first_row: int, offset: int,
+                       views: int) -> FeatureFileError:
+    row = first_row + offset
+    return _error(
+        path,
+        f"split {split!r}, row {row}: {what} {values[offset]} differs from {what} {values[offset - 1]} of row "
+        f"{row - 1}, another view of the same example (example {row // views}, {views} views per example: its "
+        f"rows must share one {what})",
+    )
+
+
+def _split_state(path, group: h5py.Group, name: str, feature_dim: int) -> tuple[int, int, bool, int]:
     """Checks a split group's datasets and attributes against each other; returns (num_examples,
-    rows_done, complete)."""
+    rows_done, complete, views)."""
     where = f"split {name!r}"
     missing = [k for k in ("features", "labels", "index") if not isinstance(group.get(k), h5py.Dataset)]
     missing += [k for k in ("num_examples", "rows_done", "complete") if k not in group.attrs]
@@ -608,9 +683,17 @@ def _split_state(path, group: h5py.Group, name: str, feature_dim: int) -> tuple[
         raise _error(path, f"{where}: num_examples={n}, rows_done={done}, features {features.shape}")
     if complete and done != n:
         raise _error(path, f"{where}: marked complete with rows_done={done} of {n}")
+    views = _views_attr(path, group.attrs, where)
+    _check_views_version(path, group.file, where, views)
+    if n % views or done % views:
+        raise _error(
+            path,
+            f"{where}: num_examples={n} and rows_done={done} must be multiples of views={views} (rows come in "
+            "whole examples of views rows each)",
+        )
     for dataset_name, dataset in (("features", features), ("labels", labels), ("index", index)):
         _check_written(path, where, dataset_name, dataset, done)
-    return n, done, complete
+    return n, done, complete, views
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -855,9 +938,13 @@ class FeatureWriter:
         return _int_attr(self.path, self._group(split).attrs, "rows_done", f"split {split!r}")
 
     def create_split(
-        self, name: str, num_examples: int, dtype: str = "float16", chunk_rows: int | None = None
+        self, name: str, num_examples: int, dtype: str = "float16", chunk_rows: int | None = None, views: int = 1
     ) -> int:
-        """Creates `name` for `num_examples` rows, or keeps a matching existing one; returns its rows_done."""
+        """Creates `name` for `num_examples` rows, or keeps a matching existing one; returns its rows_done.
+
+        `views` > 1 makes it a split of `views` rows per example (module docstring, "Views"): num_examples
+        still counts rows and must be a multiple of it. An existing split with another shape, dtype or
+        number of views is refused."""
         dtype = np.dtype(dtype).name
         if dtype not in _FEATURE_DTYPES:
             raise _error(self.path, f"split {name!r}: feature dtype {dtype!r} not in {_FEATURE_DTYPES}")
@@ -866,6 +953,12 @@ class FeatureWriter:
         n, d = int(num_examples), self.metadata.feature_dim
         if n < 0:
             raise _error(self.path, f"split {name!r}: num_examples={n} must be >= 0")
+        views = _check_views(self.path, f"split {name!r}", views)
+        if n % views:
+            raise _error(
+                self.path,
+                f"split {name!r}: num_examples={n} rows is not a whole number of examples of views={views} rows",
+            )
         if name in self._h5:
             group = self._group(name)
             have = group.get("features")
@@ -875,7 +968,14 @@ class FeatureWriter:
                     f"split {name!r} exists with features {have.shape} {have.dtype}, requested "
                     f"{(n, d)} {dtype}; reopen with overwrite=True to start a fresh file",
                 )
-            return _split_state(self.path, group, name, d)[1]
+            _, done, _, have_views = _split_state(self.path, group, name, d)
+            if have_views != views:
+                raise _error(
+                    self.path,
+                    f"split {name!r} exists with views={have_views} per example, requested views={views}; reopen "
+                    "with overwrite=True to start a fresh file",
+                )
+            return done
 
         itemsize = np.dtype(dtype).itemsize
         if chunk_rows is None:
@@ -897,6 +997,9 @@ class FeatureWriter:
         group.attrs.update(
             {"num_examples": np.int64(n), "rows_done": np.int64(0), "complete": np.bool_(False)}
         )
+        if views > 1:  # absent means one view: a one-view split is stored exactly as before views existed
+            group.attrs["views"] = np.int64(views)
+            self._h5.attrs["format_version"] = np.int64(VIEWS_FORMAT_VERSION)
         self._h5.flush()
         return 0
 
@@ -904,13 +1007,16 @@ class FeatureWriter:
         """Writes the next rows of `split` and returns the new rows_done.
 
         Rows go to [rows_done, rows_done + b); rows_done is advanced only after they are flushed, so a
-        process killed at any moment leaves rows_done <= the rows actually on disk.
+        process killed at any moment leaves rows_done <= the rows actually on disk. In a split of V views
+        per example the rows are whole examples (b a multiple of V, example-major), each example's V rows
+        with one label and one index, so rows_done always ends an example.
         """
         group = self._group(split)
         ds = group["features"]
         where = f"split {split!r}"
         start = _int_attr(self.path, group.attrs, "rows_done", where)
         n = _int_attr(self.path, group.attrs, "num_examples", where)
+        views = _views_attr(self.path, group.attrs, where)
         d = self.metadata.feature_dim
 
         features = np.asarray(features)
@@ -943,6 +1049,14 @@ class FeatureWriter:
         if b and index.min() < 0:
             bad = int(np.argmax(index < 0))
             raise _error(self.path, f"{where}, row {start + bad}: negative index {index[bad]}")
+        if b % views:
+            raise _error(
+                self.path,
+                f"{where}: appending {b} rows at row {start}, not whole examples: the split holds views={views} "
+                f"rows per example, so rows are appended {views} at a time",
+            )
+        for values, what in ((labels, "label"), (index, "index")):
+            _check_groups(self.path, split, what, values, start, views)
         with np.errstate(over="ignore"):  # overflow is reported below, with its row
             stored = features.astype(ds.dtype, copy=False)
         bad = _first_nonfinite_row(stored)
@@ -987,9 +1101,12 @@ def write_features(
 ) -> pathlib.Path:
     """Writes whole in-memory splits {name: (features, labels)} at once, each marked complete.
 
-    index is arange(n). num_classes defaults to 1 + the largest label. The file is written next to
-    `path` under a temporary name and renamed into place, so a failure never leaves a partial file; the
-    destination's lock is held meanwhile, so a file another process is writing is not replaced.
+    features (n, D) with labels (n,) make a one-view split, index arange(n); features (n, V, D) with labels
+    (n,) a split of V views per example (module docstring, "Views"): n·V rows, example-major, each
+    example's label and index (its position, 0..n-1) repeated over its V rows. num_classes defaults to
+    1 + the largest label. The file is written next to `path` under a temporary name and renamed into
+    place, so a failure never leaves a partial file; the destination's lock is held meanwhile, so a file
+    another process is writing is not replaced.
     """
     path = pathlib.Path(path)
     with FeatureFileLock(path):
@@ -1004,9 +1121,9 @@ def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata
     arrays = {name: (np.asarray(x), np.asarray(y)) for name, (x, y) in splits.items()}
     first = next(iter(arrays.values()))[0]
     if "feature_dim" not in metadata:
-        if first.ndim != 2:
-            raise _error(path, f"features have shape {first.shape}, expected (n, D)")
-        metadata["feature_dim"] = first.shape[1]
+        if first.ndim not in (2, 3):
+            raise _error(path, f"features have shape {first.shape}, expected (n, D) or (n, views, D)")
+        metadata["feature_dim"] = first.shape[-1]
     if num_classes is None:
         sizes = [int(y.max()) + 1 for _, y in arrays.values() if y.size]
         if not sizes:
@@ -1018,15 +1135,20 @@ def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata
     try:
         with FeatureWriter(tmp, num_classes=num_classes, overwrite=True, **metadata) as writer:
             for name, (x, y) in arrays.items():
-                if x.ndim != 2 or y.shape != (x.shape[0],):
+                if x.ndim not in (2, 3) or y.shape != (x.shape[0],):
                     raise _error(
-                        path, f"split {name!r}: features {x.shape} and labels {y.shape} must be (n, D) and (n,)"
+                        path, f"split {name!r}: features {x.shape} and labels {y.shape} must be (n, D) or "
+                        "(n, views, D), and (n,)"
                     )
                 n = x.shape[0]
-                writer.create_split(name, n, dtype=dtype)
-                for s in range(0, n, _WRITE_BLOCK_ROWS):
-                    e = min(s + _WRITE_BLOCK_ROWS, n)
-                    writer.append(name, x[s:e], y[s:e], np.arange(s, e, dtype=np.int64))
+                views = x.shape[1] if x.ndim == 3 else 1
+                writer.create_split(name, n * views, dtype=dtype, views=views)
+                step = max(1, _WRITE_BLOCK_ROWS // views)  # whole examples per append
+                for s in range(0, n, step):
+                    e = min(s + step, n)
+                    rows = x[s:e].reshape(-1, x.shape[-1])  # example-major: views of one example adjacent
+                    examples = np.arange(s, e, dtype=np.int64)
+                    writer.append(name, rows, np.repeat(y[s:e], views), np.repeat(examples, views))
                 writer.mark_complete(name)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -1039,12 +1161,18 @@ def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata
 
 
 class Split:
-    """One split of an open FeatureFile, read in row blocks as float32 features and int64 labels."""
+    """One split of an open FeatureFile, read in row blocks as float32 features and int64 labels.
 
-    def __init__(self, path: pathlib.Path, name: str, group: h5py.Group, num_examples: int, num_classes: int):
+    `num_examples` counts rows; `views_per_example` (V, 1 unless the split holds augmented views) says how
+    many consecutive rows make one example (module docstring, "Views"). Reads check that the rows of one
+    example they hold share a label."""
+
+    def __init__(self, path: pathlib.Path, name: str, group: h5py.Group, num_examples: int, num_classes: int,
+                 views: int = 1):
         self.path = path
         self.name = name
         self.num_examples = num_examples
+        self.views_per_example = int(views)
         self._features = group["features"]
         self._labels = group["labels"]
         self._index = group["index"]
@@ -1058,9 +1186,10 @@ class Split:
         self.declared_examples = _int_attr(path, group.attrs, "num_examples", f"split {name!r}")
 
     def __repr__(self) -> str:
+        views = f", views_per_example={self.views_per_example}" if self.views_per_example > 1 else ""
         return (
             f"Split({self.name!r}, num_examples={self.num_examples}, feature_dim={self.feature_dim}, "
-            f"dtype={self.dtype})"
+            f"dtype={self.dtype}{views})"
         )
 
     def nbytes_float32(self) -> int:
@@ -1090,7 +1219,21 @@ class Split:
         self._check_rows(start, features, labels)
         return features, labels
 
-    def _check_rows(self, start: int, features: np.ndarray, labels: np.ndarray) -> None:
+    def _label_before(self, start: int) -> np.ndarray | None:
+        """The label of row start - 1 when it is a view of the same example as row `start` (a read that
+        begins inside an example compares its first row with it), else None."""
+        if start % self.views_per_example == 0:
+            return None
+        try:
+            return self._labels[start - 1 : start].astype(np.int64)
+        except OSError as exc:
+            raise _error(self.path, f"split {self.name!r}, row {start - 1}: not a readable HDF5 feature file "
+                                    f"(truncated or corrupt?): {exc}") from None
+
+    def _check_rows(self, start: int, features: np.ndarray, labels: np.ndarray,
+                    label_before: np.ndarray | None = None) -> None:
+        """Validates rows start, start + 1, ...: finite features, labels in [0, K), and one label per
+        example. `label_before`: row start - 1's label, as `_label_before` gives it (read when None)."""
         bad = _first_nonfinite_row(features)
         if bad is not None:
             raise _error(self.path, f"split {self.name!r}, row {start + bad}: feature vector is not finite")
@@ -1101,6 +1244,9 @@ class Split:
                 f"split {self.name!r}, row {start + bad}: label {labels[bad]} outside "
                 f"[0, {self.num_classes})",
             )
+        if self.views_per_example > 1:
+            before = self._label_before(start) if label_before is None else label_before
+            _check_groups(self.path, self.name, "label", labels, start, self.views_per_example, before)
 
     def blocks(self, block_rows: int = 32768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields validated (features (b, D) float32, labels (b,) int64) blocks in row order."""
@@ -1131,12 +1277,16 @@ class Split:
                     f"split {self.name!r}, rows [{rows.start}, {rows.stop}): not a readable HDF5 feature file "
                     f"(truncated or corrupt?): {exc}",
                 ) from None
-            self._check_rows(start, features[rows], labels[rows])
+            # Rows are read in order, so the row before a block is already in `labels`.
+            before = labels[start - 1 : start] if start % self.views_per_example else None
+            self._check_rows(start, features[rows], labels[rows], before)
         return features, labels
 
     def read_index(self) -> np.ndarray:
-        """Positions of the rows in the source dataset, int64 (N,)."""
-        return self._index[: self.num_examples].astype(np.int64, copy=False)
+        """Positions of the rows in the source dataset, int64 (N,); the rows of one example share one."""
+        index = self._index[: self.num_examples].astype(np.int64, copy=False)
+        _check_groups(self.path, self.name, "index", index, 0, self.views_per_example)
+        return index
 
     def read_stored(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop) as stored (features in the file's dtype), labels and index as int64, not
@@ -1155,14 +1305,22 @@ class Split:
 
 class RowRange:
     """Rows [start, stop) of a split (`Split` or a sharded file's split), read like a split: one process's
-    share of the rows in a distributed fit. `first_row` is `start`: global row first_row + i is row i here."""
+    share of the rows in a distributed fit. `first_row` is `start`: global row first_row + i is row i here.
+    In a split of V views per example both bounds must be multiples of V: a share holds whole examples."""
 
     def __init__(self, split, start: int, stop: int):
         if not 0 <= start <= stop <= split.num_examples:
             raise ValueError(f"rows [{start}, {stop}) are not within the split's {split.num_examples}")
+        views = split.views_per_example
+        if start % views or stop % views:
+            raise ValueError(
+                f"rows [{start}, {stop}) of split {split.name!r} split an example: it holds {views} views per "
+                f"example, so a row range must start and stop at multiples of {views}"
+            )
         self.split, self.first_row, self.stop = split, int(start), int(stop)
         self.num_examples = self.stop - self.first_row
         self.feature_dim, self.num_classes = split.feature_dim, split.num_classes
+        self.views_per_example = views
 
     def __repr__(self) -> str:
         return f"RowRange({self.split!r}, [{self.first_row}, {self.stop}))"
@@ -1225,7 +1383,7 @@ class FeatureFile:
             return self._parts.split(name)
         group = _split_group(self.path, self._h5, name)
         where = f"split {name!r}"
-        n, done, complete = _split_state(self.path, group, name, self.metadata.feature_dim)
+        n, done, complete, views = _split_state(self.path, group, name, self.metadata.feature_dim)
         if not complete:
             if require_complete:
                 raise _error(
@@ -1234,4 +1392,4 @@ class FeatureFile:
                     f"extraction to finish it",
                 )
             n = done
-        return Split(self.path, name, group, n, self.metadata.num_classes)
+        return Split(self.path, name, group, n, self.metadata.num_classes, views)

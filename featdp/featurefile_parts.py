@@ -14,6 +14,9 @@ Layout (format version 1; `featdp.featurefile` specifies the ordinary layout)::
                                             in the source dataset), plus the root attribute `part` (JSON:
                                             run_id, index, count, first_rows per split).
 
+A split of V views per example (`featdp.featurefile`, "Views") is shared in whole examples: every part's
+split declares the same V, and each part's r_i and m_i are multiples of it; a reader refuses anything else.
+
 Process i of N writes part i and resumes it on its own; process 0 writes the manifest, atomically, once
 every part is complete. Rows of a split are the parts' rows in part order: global row r_i + j is row j of
 part i, and the parts cover [0, n) exactly once.
@@ -196,7 +199,8 @@ def write_parts(path: os.PathLike | str, splits: dict[str, tuple[np.ndarray, np.
                 **metadata: Any) -> pathlib.Path:
     """Writes in-memory splits {name: (features, labels)} as a sharded feature file of `num_parts` parts
     (what `featdp extract` writes with --num-processes num_parts), all from this process: for tests and
-    benchmarks of the sharded readers. `chunk_rows` overrides the digest chunk size."""
+    benchmarks of the sharded readers. `chunk_rows` overrides the digest chunk size. Features (n, V, D)
+    make a split of V views per example, as in `featurefile.write_features`, shared in whole examples."""
     from featdp import distributed
     from featdp.featurefile import FeatureFile, FeatureWriter
 
@@ -204,19 +208,23 @@ def write_parts(path: os.PathLike | str, splits: dict[str, tuple[np.ndarray, np.
     arrays = {name: (np.asarray(x), np.asarray(y)) for name, (x, y) in splits.items()}
     if num_classes is None:
         num_classes = max(int(y.max()) + 1 for _, y in arrays.values() if y.size)
-    metadata.setdefault("feature_dim", next(iter(arrays.values()))[0].shape[1])
+    metadata.setdefault("feature_dim", next(iter(arrays.values()))[0].shape[-1])
+    views = {name: x.shape[1] if x.ndim == 3 else 1 for name, (x, _) in arrays.items()}
     run_id = new_run_id()
     parts_dir(path).mkdir(exist_ok=True)
     descriptions = []
     for index in range(num_parts):
         ranges = {name: distributed.row_range(len(y), index, num_parts) for name, (_, y) in arrays.items()}
-        identity = part_identity(run_id, index, num_parts, {name: r[0] for name, r in ranges.items()})
+        identity = part_identity(run_id, index, num_parts, {name: r[0] * views[name] for name, r in ranges.items()})
         target = part_path(path, index, num_parts)
         with FeatureWriter(target, num_classes=num_classes, overwrite=True, part=identity, **metadata) as writer:
             for name, (x, y) in arrays.items():
                 start, stop = ranges[name]
-                writer.create_split(name, stop - start, dtype=dtype)
-                writer.append(name, x[start:stop], y[start:stop], np.arange(start, stop, dtype=np.int64))
+                v = views[name]
+                writer.create_split(name, (stop - start) * v, dtype=dtype, views=v)
+                examples = np.arange(start, stop, dtype=np.int64)
+                writer.append(name, x[start:stop].reshape(-1, x.shape[-1]), np.repeat(y[start:stop], v),
+                              np.repeat(examples, v))
                 writer.mark_complete(name)
         sizes = {name: chunk_rows for name in arrays} if chunk_rows else None
         descriptions.append(describe_part(target, identity, sizes))
@@ -322,6 +330,7 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise _error(path, f"the manifest is not valid JSON ({exc})") from None
         self.run_id, self.parts, self.splits = self._parse(data)
+        self.views: dict[str, int] = {}  # views per example of each split, as its parts declare it
         self._files: list = []
         try:
             for index, entry in enumerate(self.parts):
@@ -433,6 +442,18 @@ class Manifest:
                     raise _error(self.path, f"part {name}, split {layout.name!r}: holds {held}, the manifest "
                                             f"assigns it rows [{piece.first_row}, {piece.first_row + piece.num_rows}) "
                                             f"of {layout.dtype}")
+                views = self.views.setdefault(layout.name, split.views_per_example)
+                if split.views_per_example != views:
+                    raise _error(self.path, f"part {name}, split {layout.name!r}: holds "
+                                            f"{split.views_per_example} views per example, the parts before it "
+                                            f"{views}; every part of a split must hold the same number")
+                # Implied today by each part's own check (its rows are whole examples) and the contiguity
+                # checked at parse; stated here so that no change to those makes a part boundary cut an example.
+                if piece.first_row % views or piece.num_rows % views:
+                    raise _error(self.path, f"part {name}, split {layout.name!r}: the manifest assigns it rows "
+                                            f"[{piece.first_row}, {piece.first_row + piece.num_rows}), which split "
+                                            f"examples of {views} views: part boundaries must be multiples of "
+                                            f"{views}")
         except BaseException:
             part.close()
             raise
@@ -445,7 +466,8 @@ class Manifest:
         if name not in self.splits:
             raise _error(self.path, f"no split {name!r}; available splits: {sorted(self.splits) or 'none'}")
         layout = self.splits[name]
-        return PartedSplit(self.path, layout, [f.split(name) for f in self._files], self.metadata.num_classes)
+        return PartedSplit(self.path, layout, [f.split(name) for f in self._files], self.metadata.num_classes,
+                           self.views.get(name, 1))
 
     def close(self) -> None:
         for part in self._files:
@@ -459,13 +481,15 @@ def _is_int(value) -> bool:
 
 class PartedSplit:
     """One split of a sharded feature file, read like `featurefile.Split` (blocks of validated float32
-    features and int64 labels, in global row order), each chunk checked against its digest on first read."""
+    features and int64 labels, in global row order, with `views_per_example` rows per example), each chunk
+    checked against its digest on first read."""
 
     complete = True
 
-    def __init__(self, path: pathlib.Path, layout: SplitLayout, parts: list, num_classes: int):
+    def __init__(self, path: pathlib.Path, layout: SplitLayout, parts: list, num_classes: int, views: int = 1):
         self.path, self.name, self.layout = path, layout.name, layout
         self.num_examples = self.rows_done = self.declared_examples = layout.num_examples
+        self.views_per_example = int(views)
         self._parts = parts
         self.feature_dim = parts[0].feature_dim
         self.num_classes = num_classes
@@ -474,8 +498,9 @@ class PartedSplit:
         self._starts = [piece.first_row for piece in layout.slices]
 
     def __repr__(self) -> str:
+        views = f", views_per_example={self.views_per_example}" if self.views_per_example > 1 else ""
         return (f"PartedSplit({self.name!r}, num_examples={self.num_examples}, feature_dim={self.feature_dim}, "
-                f"parts={len(self._parts)}, dtype={self.dtype})")
+                f"parts={len(self._parts)}, dtype={self.dtype}{views})")
 
     def nbytes_float32(self) -> int:
         return self.num_examples * self.feature_dim * 4
@@ -530,8 +555,8 @@ class PartedSplit:
         return features, labels, index
 
     def _read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        from featdp.featurefile import (_CHECKED_READ_BYTES, _first_label_outside, _first_nonfinite_row,
-                                        check_allocation)
+        from featdp.featurefile import (_CHECKED_READ_BYTES, _check_groups, _first_label_outside,
+                                        _first_nonfinite_row, check_allocation)
 
         nbytes = (stop - start) * (self.feature_dim * (4 + self.dtype.itemsize) + 24)
         if nbytes >= _CHECKED_READ_BYTES:
@@ -544,6 +569,10 @@ class PartedSplit:
         if bad is not None:
             raise _error(self.path, f"split {self.name!r}, row {start + bad}: label {labels[bad]} outside "
                                     f"[0, {self.num_classes})")
+        if self.views_per_example > 1:
+            # A read from inside an example compares its first row with the row before it, as Split does.
+            before = self._gather(start - 1, start, with_index=False)[1] if start % self.views_per_example else None
+            _check_groups(self.path, self.name, "label", labels, start, self.views_per_example, before)
         return features, labels
 
     def blocks(self, block_rows: int = 32768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -565,7 +594,11 @@ class PartedSplit:
         return features, labels
 
     def read_index(self) -> np.ndarray:
-        return self._gather(0, self.num_examples, with_index=True)[2]
+        from featdp.featurefile import _check_groups
+
+        index = self._gather(0, self.num_examples, with_index=True)[2]
+        _check_groups(self.path, self.name, "index", index, 0, self.views_per_example)
+        return index
 
     def rows(self, start: int, stop: int):
         from featdp.featurefile import RowRange

@@ -17,6 +17,12 @@
 * Memory is checked before it is asked for: a batch size whose padded batch cannot fit stops with a message.
 * A corrupt or unreadable image is fatal: the run stops naming the file, keeping the rows written so
   far, so that a file's rows always correspond one-to-one to source indices 0..n−1.
+* Views (`ExtractConfig.views` = V > 1): each example of the `train` split is written as V rows, its
+  unaugmented image and V − 1 augmented views (`featdp.extraction.augment`, seeded by `augment_seed`,
+  recorded in the file's `preprocessing` metadata); other splits keep one row per example. `batch_size`
+  stays the number of images per forward pass: a train batch holds ⌊batch_size / V⌋ whole examples (at
+  least one; the pass is then V images wide), padded like the last batch. Rows are appended in whole
+  examples, so a killed run resumes at example rows_done / V.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from featdp.extraction.augment import Augmentation, max_shift_for
 from featdp.extraction.backbones.registry import Backbone, load_backbone
 from featdp.checksums import ChecksumMismatchError, normalized_sha256, verify_sha256
 from featdp.extraction.datasets import open_dataset
@@ -44,6 +51,12 @@ from featdp.featurefile import AllocationError, FeatureFileLock, FeatureWriter, 
 from featdp.extraction.loading import LoadBatch
 
 DTYPES = ("auto", "float32", "bfloat16")
+# Views are written for the training split only: augmentation multiplicity averages a private example's
+# gradient over its views, and evaluation reads the unaugmented images.
+AUGMENTED_SPLITS = ("train",)
+# Beyond De et al.'s 16 augmentations per example (their largest that still helped) by a margin; each view
+# costs a forward pass and a row of storage.
+MAX_VIEWS = 64
 
 
 class ExtractError(ValueError):
@@ -65,13 +78,20 @@ class ExtractConfig:
     dtype: str = "auto"
     store_dtype: str = "float16"
     workers: int = min(16, os.cpu_count() or 1)  # loader processes; 1 loads in the main process
+    views: int = 1  # rows per example of the `train` split: 1 unaugmented + views − 1 augmented (module docstring)
+    augment_seed: int = 0  # seeds the augmentations (public randomness, recorded in the file)
+
+
+def views_of(config: ExtractConfig, split: str) -> int:
+    """Rows per example that `config` writes for `split`."""
+    return config.views if split in AUGMENTED_SPLITS else 1
 
 
 @dataclasses.dataclass
 class SplitProgress:
     split: str
     rows_done: int
-    num_examples: int
+    num_examples: int  # rows: examples × views per example
     images_per_second: float  # over the rows this run wrote
     rows_at_start: int = 0  # rows the file held before this run: = num_examples when it had nothing to do
 
@@ -140,10 +160,10 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
 
 
 @contextlib.contextmanager
-def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
-                    workers: int) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+def _loaded_batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int, workers: int,
+                    augmentation: Augmentation | None = None) -> Iterator[Iterator[dict[str, np.ndarray]]]:
     """`_batches`, each batch's shared memory unlinked on arrival, the loader closed when the split ends."""
-    batches = _batches(dataset, split, backbone, start, stop, batch_size, workers)
+    batches = _batches(dataset, split, backbone, start, stop, batch_size, workers, augmentation)
     try:
         yield map(_unlink_shared_memory, batches)
     finally:
@@ -172,15 +192,16 @@ def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def _batches(dataset, split: str, backbone: Backbone, start: int, stop: int, batch_size: int,
-             workers: int) -> Iterator[dict[str, np.ndarray]]:
-    # Batches are contiguous row ranges [start + k·B, start + (k+1)·B) built before any worker sees
-    # them, so however many workers load them, rows reach the file in order. Worker *processes*:
+             workers: int, augmentation: Augmentation | None = None) -> Iterator[dict[str, np.ndarray]]:
+    # Batches are contiguous example ranges [start + k·B, start + (k+1)·B) built before any worker sees
+    # them, so however many workers load them, rows reach the file in order; an example's views are made
+    # by the worker that loads it (`LoadBatch`), from seeds of their own. Worker *processes*:
     # Pillow decoding holds the GIL often enough that threads stop scaling after ~2 (measured on a
     # 16-core host: 1 thread 1.1k img/s, 16 threads 0.5k).
     pipeline = (
         grain.MapDataset.range(start, stop)
         .batch(batch_size)
-        .map(LoadBatch(dataset, split, backbone.prepare))
+        .map(LoadBatch(dataset, split, backbone.prepare, augmentation))
         # One thread and a short buffer per loader: parallelism comes from the processes, and grain's
         # default (16 threads, 500 elements ahead) held 4.6 GB of prepared batches per worker.
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
@@ -221,6 +242,10 @@ def extract(
         raise ExtractError(f"limit must be ≥ 1, got {config.limit}")
     if config.store_dtype not in ("float16", "float32"):
         raise ExtractError(f"store dtype must be float16 or float32, got {config.store_dtype!r}")
+    if isinstance(config.views, bool) or not isinstance(config.views, int) or not 1 <= config.views <= MAX_VIEWS:
+        raise ExtractError(f"views must be an integer in [1, {MAX_VIEWS}] (1: no augmentation), got {config.views!r}")
+    if isinstance(config.augment_seed, bool) or not isinstance(config.augment_seed, int) or config.augment_seed < 0:
+        raise ExtractError(f"augment seed must be an integer >= 0, got {config.augment_seed!r}")
     out = pathlib.Path(config.out)
     if not out.parent.exists():
         raise ExtractError(f"cannot write {out}: directory {out.parent} does not exist")
@@ -231,6 +256,10 @@ def extract(
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
         raise ExtractError(f"dataset {config.dataset!r} has no split {unknown[0]!r}; splits: {', '.join(dataset.splits)}")
+    if config.views > 1 and not any(s in AUGMENTED_SPLITS for s in splits):
+        raise ExtractError(f"views={config.views} augments the split named {' or '.join(map(repr, AUGMENTED_SPLITS))}, "
+                           f"but the splits extracted are {', '.join(map(repr, splits))}; extract it too, or use "
+                           "views=1")
     dtype = compute_dtype(config.dtype)
     if processes is not None and processes.count > 1:
         from featdp.extraction.sharded import extract_parts
@@ -239,6 +268,13 @@ def extract(
     # Held for the whole extraction: a second run onto this file stops here, before loading anything.
     with FeatureFileLock(out) as lock:
         return _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_size, dtype, lock)
+
+
+def _augmentation(config: ExtractConfig, backbone: Backbone) -> Augmentation | None:
+    """What the loaders apply (None: one view of every split, as without views)."""
+    if config.views == 1:
+        return None
+    return Augmentation(config.views, config.augment_seed, max_shift_for(backbone.image_size), AUGMENTED_SPLITS)
 
 
 def _check_batch_memory(batch_size: int, backbone: Backbone) -> None:
@@ -276,10 +312,16 @@ def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_s
         raise ChecksumMismatchError(f"{backbone.name} weights {backbone.checkpoint or '(none)'} have sha256 "
                                     f"{backbone.checkpoint_sha256 or '(none: weight-free)'}, expected {expected_sha256}")
     devices = jax.local_device_count()
-    _check_batch_memory(-(-batch_size // devices) * devices, backbone)  # ShardedForward's rounded size
+    images = max(batch_size, config.views)  # a batch holds at least one whole example
+    _check_batch_memory(-(-images // devices) * devices, backbone)  # ShardedForward's rounded size
     fingerprint = dataset.fingerprint()
-    forward = ShardedForward(backbone, batch_size, dtype)
+    forward = ShardedForward(backbone, images, dtype)
+    augmentation = _augmentation(config, backbone)
     preprocessing = {**backbone.preprocessing, "compute_dtype": jnp.dtype(dtype).name}
+    if augmentation is not None:
+        # Identifying metadata: a resume with other views or another seed is refused. Absent for one view,
+        # so files written before views existed still resume.
+        preprocessing["augmentation"] = augmentation.describe()
     with FeatureWriter(
         out,
         feature_dim=backbone.feature_dim,
@@ -299,15 +341,20 @@ def _extract_locked(config, on_progress, backbone, out, dataset, splits, batch_s
         for split in splits:
             total = dataset.splits[split] if config.limit is None else min(config.limit, dataset.splits[split])
             first, stop = (0, total) if shard is None else shard.rows[split]
-            done = writer.create_split(split, stop - first, dtype=config.store_dtype)
+            views = views_of(config, split)
+            done = writer.create_split(split, (stop - first) * views, dtype=config.store_dtype, views=views)
             _extract_split(dataset, split, backbone, forward, writer, done, stop - first, config.workers,
-                           on_progress, first)
+                           on_progress, first, augmentation)
             writer.mark_complete(split)
     return out
 
 
-def _extract_split(dataset, split, backbone, forward, writer, done, total, workers, on_progress, first=0):
-    """Rows [done, total) of the file's split, which are the source's examples first + done … first + total."""
+def _extract_split(dataset, split, backbone, forward, writer, done, examples, workers, on_progress, first=0,
+                   augmentation=None):
+    """Rows [done, examples · V) of the file's split (V: the split's views; `done` a multiple of it), which
+    hold the source's examples first + done / V … first + examples. Progress counts rows (images)."""
+    views = 1 if augmentation is None else augmentation.views_of(split)
+    total = examples * views
     started, start_rows = time.perf_counter(), done
     pending = None  # (features in flight on the device, labels, indices, valid rows)
 
@@ -321,7 +368,10 @@ def _extract_split(dataset, split, backbone, forward, writer, done, total, worke
 
     if on_progress:
         on_progress(SplitProgress(split, done, total, 0.0, start_rows))
-    with _loaded_batches(dataset, split, backbone, first + done, first + total, forward.batch_size, workers) as batches:
+    # forward.batch_size >= views (see _extract_locked): every batch holds at least one whole example.
+    per_batch = forward.batch_size // views
+    with _loaded_batches(dataset, split, backbone, first + done // views, first + examples, per_batch, workers,
+                         augmentation) as batches:
         batch = None
         for batch in batches:
             features = forward(_pad(batch["image"], forward.batch_size))

@@ -3,7 +3,9 @@ writes the manifest that makes the parts one feature file (layout: `featdp.featu
 
 * Shares: process i of N takes the source rows `distributed.row_range(n, i, N)` of each split (n after
   --limit): contiguous, within one row of equal, every example exactly once, none dropped at the
-  remainder. A part's `index` keeps the rows' positions in the source.
+  remainder. A part's `index` keeps the rows' positions in the source. Shares are counted in examples:
+  with V views per example (`--views`, the train split) process i writes rows [V·first, V·stop), so no
+  example's views are split between parts.
 * Each process extracts with its own devices (`extract.ShardedForward` over its local devices) and never
   waits for the others while it works: the processes meet only before (to agree on the run) and after
   (to hand process 0 their parts' checksums).
@@ -32,7 +34,7 @@ from featdp.featurefile import FeatureFile, FeatureFileError, FeatureFileLock
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """What one process writes: its part's identity and, per split, its source rows [first, stop)."""
+    """What one process writes: its part's identity and, per split, its source examples [first, stop)."""
 
     identity: dict
     rows: dict[str, tuple[int, int]]
@@ -41,10 +43,10 @@ class Shard:
 def extract_parts(config, on_progress, backbone, out: pathlib.Path, dataset, splits, batch_size, dtype,
                   group) -> pathlib.Path:
     """`extract.extract` on process `group.index` of `group.count`; returns the manifest's path."""
-    from featdp.extraction.extract import ExtractError, _extract_locked
+    from featdp.extraction.extract import ExtractError, _extract_locked, views_of
 
     totals = {s: dataset.splits[s] if config.limit is None else min(config.limit, dataset.splits[s]) for s in splits}
-    rows = {s: group.row_range(total) for s, total in totals.items()}
+    rows = {s: group.row_range(total) for s, total in totals.items()}  # examples of the source
     mine = parts.part_path(out, group.index, group.count)
     with contextlib.ExitStack() as held:
         if group.is_leader:
@@ -55,7 +57,8 @@ def extract_parts(config, on_progress, backbone, out: pathlib.Path, dataset, spl
             raise ExtractError(f"cannot create the parts folder {mine.parent}: {error.strerror or error}") from None
         part_lock = held.enter_context(FeatureFileLock(mine))
         run_id = _agree_on_run(config, out, mine, group)
-        identity = parts.part_identity(run_id, group.index, group.count, {s: r[0] for s, r in rows.items()})
+        first_rows = {s: r[0] * views_of(config, s) for s, r in rows.items()}  # the part's first row in the file
+        identity = parts.part_identity(run_id, group.index, group.count, first_rows)
         _extract_locked(config, on_progress, backbone, mine, dataset, splits, batch_size, dtype, part_lock,
                         Shard(identity, rows))
         description = parts.describe_part(mine, identity)
