@@ -40,6 +40,14 @@ class _Commands(TyperGroup):
             where = error.ctx.command_path if error.ctx is not None else "featdp"
             _fail(f"{error.format_message()} (`{where} --help` lists the options)")
 
+    # Whether the arguments are this process's own command line (not a caller's list, as CliRunner passes):
+    # only then may `_process_group` supervise a run by starting that command line again.
+    own_command_line = False
+
+    def main(self, args=None, *more, **options):
+        _Commands.own_command_line = args is None
+        return super().main(args, *more, **options)
+
 
 app = typer.Typer(
     cls=_Commands,
@@ -161,9 +169,27 @@ COORDINATOR_TIMEOUT = typer.Option(300.0, "--coordinator-timeout", help="Seconds
 @contextlib.contextmanager
 def _process_group(coordinator, num_processes, process_id, timeout, job: dict):
     """The process group of a multi-host run (`featdp.distributed.connect`), as a context: a failure on any
-    process ends the command on every process, each naming it."""
+    process ends the command on every process, each naming it. The process a user started runs the job in
+    a child and supervises it (`featdp_cli.supervise`): a dead process 0 is one `error:` line there too."""
     from featdp import distributed
+    from featdp_cli import supervise
 
+    if supervise.is_child():
+        supervise.adopt()
+    elif _Commands.own_command_line and supervise.available() and (command := supervise.command_line()):
+        spec = distributed.resolve(coordinator, num_processes, process_id)
+        if spec is not None:  # this process supervises the job, run by a child (featdp_cli.supervise)
+            console.quiet = True  # the child shows the progress: this process's (empty) display must not erase it
+            try:
+                outcome = supervise.run(command, coordinator=spec.coordinator, process_id=spec.process_id,
+                                        num_processes=spec.num_processes)
+            finally:
+                console.quiet = False
+            if outcome.message is not None:
+                raise distributed.DistributedError(outcome.message)
+            if outcome.returncode < 0:
+                console.show_cursor(True)
+            raise typer.Exit(code=supervise.exit_like(outcome.returncode))
     with distributed.connect(coordinator, num_processes, process_id, job=job, timeout=timeout) as group:
         yield group
 TRAIN_SPLIT_HELP = "Split of the feature file to train on (private data)."
@@ -585,6 +611,10 @@ def extract(
                               "N rows per example of the train split: the image and N-1 random flips and shifts."),
     augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the --views augmentations (public, "
                                      "recorded in the file)."),
+    augment_shift: Optional[int] = typer.Option(None, "--augment-shift", help="Largest shift, in pixels per axis, of "
+                                                "an augmented view; default: an eighth of the backbone's image size."),
+    augment_flip: bool = typer.Option(True, "--augment-flip/--no-augment-flip", help="Whether augmented views "
+                                      "may be flipped left-right."),
     coordinator: Optional[str] = COORDINATOR,
     num_processes: Optional[int] = NUM_PROCESSES,
     process_id: Optional[int] = PROCESS_ID,
@@ -601,12 +631,13 @@ def extract(
         backbone=backbone, dataset=dataset, out=out, splits=tuple(splits.split(",")) if splits else None,
         data_dir=data_dir, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, batch_size=batch_size,
         limit=limit, overwrite=overwrite, dtype=dtype.value, views=views, augment_seed=augment_seed,
-        **({} if workers is None else {"workers": workers}),
+        augment_shift=augment_shift, augment_flip=augment_flip, **({} if workers is None else {"workers": workers}),
     )
     try:
         command = dict(command="extract", backbone=backbone, dataset=dataset, out=str(out), splits=splits,
                        checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, limit=limit, overwrite=overwrite,
-                       dtype=dtype.value, views=views, augment_seed=augment_seed)
+                       dtype=dtype.value, views=views, augment_seed=augment_seed, augment_shift=augment_shift,
+                       augment_flip=augment_flip)
         with ProgressDisplay(console) as display, _process_group(
                 coordinator, num_processes, process_id, coordinator_timeout, command) as group:
             extraction = _ExtractionProgress(display)

@@ -227,6 +227,7 @@ def test_a_batch_smaller_than_the_views_holds_one_whole_example(folder, extracte
     (["--views", "3", "--splits", "test"], "views=3 augments the split named 'train', but the splits extracted are "
                                            "'test'"),
     (["--augment-seed", "-1"], "augment seed must be an integer >= 0, got -1"),
+    (["--augment-shift", "-2"], "augment shift must be an integer >= 0 (pixels), got -2"),
 ])
 def test_bad_view_options_are_one_error_line_exit_2_and_no_file(folder, tmp_path, args, fragment):
     out = tmp_path / "f.h5"
@@ -269,3 +270,18 @@ def test_a_2_process_view_extraction_equals_the_1_process_one(folder, extracted,
             np.testing.assert_array_equal(a, b)
     with FeatureFile(parts.part_path(out, 1, 2)) as part:  # process 1: examples 6..11, rows 18..35
         np.testing.assert_array_equal(part.split("train").read_index(), np.repeat(np.arange(6, 12), V))
+
+
+def test_flips_off_and_no_shift_leave_every_view_the_image_and_flips_off_alone_changes_only_flips():
+    image = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    same = Augmentation(4, 0, 0, flip=False).views_for(image, "train", 7)
+    assert all(np.array_equal(view, image) for view in same)
+    flipping = Augmentation(8, 0, 0).views_for(image, "train", 7)
+    assert any(np.array_equal(view, image[:, ::-1]) for view in flipping[1:])
+    # Without flips, an augmented view is a shift of the image itself, never of its mirror image.
+    shifted, shifted_flipping = Augmentation(8, 0, 2, flip=False), Augmentation(8, 0, 2)
+    for view in shifted.views_for(image, "train", 3)[1:]:
+        assert np.isin(view[..., 0], image[..., 0]).all()
+        assert not np.array_equal(view, image[:, ::-1])
+    assert shifted.describe()["flip"] == 0.0 and shifted_flipping.describe()["flip"] == 0.5
+    assert shifted.describe()["max_shift"] == 2

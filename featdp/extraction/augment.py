@@ -5,10 +5,11 @@ registered backbone, ScatterNet's gray 28×28 included) transformed as De et al.
 
 * view 0 is the prepared image itself, unchanged, so a view file's view 0 is the row a one-view extraction
   writes;
-* view v ≥ 1 is flipped left–right with probability 1/2, then translated by (dy, dx), each drawn uniformly
-  from the integers in [−s, s], with reflect padding (pixels beyond the edge mirror the image, edge not
-  repeated): CIFAR's "pad 4 and crop 32" at R = 32. s = `max_shift_for(R)` = max(1, round(R/8)), halves
-  rounded up: 4 px at R = 28 or 32, 28 px at R = 224.
+* view v ≥ 1 is flipped left–right with probability 1/2 (unless flips are off), then translated by
+  (dy, dx), each drawn uniformly from the integers in [−s, s], with reflect padding (pixels beyond the edge
+  mirror the image, edge not repeated): CIFAR's "pad 4 and crop 32" at R = 32. By default s =
+  `max_shift_for(R)` = max(1, round(R/8)), halves rounded up: 4 px at R = 28 or 32, 28 px at R = 224.
+  Both are choices of the extraction (`--augment-shift`, `--no-augment-flip`), recorded in the file.
 
 The randomness is not privacy noise. It is public and reproducible: every draw comes from a generator
 seeded by (augment seed, split name, example index, view), so a view never depends on which process, batch
@@ -47,10 +48,12 @@ def view_rng(seed: int, split: str, index: int, view: int) -> np.random.Generato
     return np.random.default_rng(np.random.SeedSequence([_DOMAIN, int(seed), split_key, int(index), int(view)]))
 
 
-def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: int, max_shift: int) -> np.ndarray:
+def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: int, max_shift: int,
+                 flip: bool = True) -> np.ndarray:
     """View `view` of the prepared image of example `index` of `split` (module docstring): the image
-    itself for view 0; for view ≥ 1 a flip (p = 1/2) and a translation of at most `max_shift` pixels per
-    axis with reflect padding, as a new (H, W[, C]) array of the image's dtype and shape."""
+    itself for view 0; for view ≥ 1 a flip (p = 1/2; never with `flip` False) and a translation of at most
+    `max_shift` pixels per axis with reflect padding, as a new (H, W[, C]) array of the image's dtype and
+    shape. The draws are the same whether or not flips are on, so `flip` changes nothing else."""
     image = np.asarray(image)
     view, max_shift = int(view), int(max_shift)
     if view < 0:
@@ -62,9 +65,9 @@ def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: 
     if max_shift < 0:
         raise ValueError(f"max_shift={max_shift} must be >= 0")
     rng = view_rng(seed, split, index, view)
-    flip = rng.random() < FLIP_PROBABILITY
+    flipped = rng.random() < FLIP_PROBABILITY and flip
     dy, dx = rng.integers(-max_shift, max_shift, size=2, endpoint=True)
-    if flip:
+    if flipped:
         image = image[:, ::-1]
     height, width = image.shape[:2]
     pad = [(max_shift, max_shift), (max_shift, max_shift)] + [(0, 0)] * (image.ndim - 2)
@@ -83,6 +86,7 @@ class Augmentation:
     seed: int
     max_shift: int
     splits: tuple[str, ...] = ("train",)
+    flip: bool = True
 
     def __post_init__(self):
         for name, value, low in (("views", self.views, 1), ("seed", self.seed, 0), ("max_shift", self.max_shift, 0)):
@@ -96,11 +100,12 @@ class Augmentation:
     def views_for(self, image: np.ndarray, split: str, index: int) -> np.ndarray:
         """All views of one example's prepared image, stacked: (views_of(split), *image.shape)."""
         return np.stack([
-            augment_view(image, v, seed=self.seed, split=split, index=index, max_shift=self.max_shift)
+            augment_view(image, v, seed=self.seed, split=split, index=index, max_shift=self.max_shift,
+                         flip=self.flip)
             for v in range(self.views_of(split))
         ])
 
     def describe(self) -> dict:
         """The provenance recorded in the feature file's `preprocessing` metadata (key "augmentation")."""
         return {"views": int(self.views), "splits": list(self.splits), "seed": int(self.seed),
-                "flip": FLIP_PROBABILITY, "max_shift": int(self.max_shift), "padding": PADDING}
+                "flip": FLIP_PROBABILITY if self.flip else 0.0, "max_shift": int(self.max_shift), "padding": PADDING}

@@ -80,6 +80,8 @@ class ExtractConfig:
     workers: int = min(16, os.cpu_count() or 1)  # loader processes; 1 loads in the main process
     views: int = 1  # rows per example of the `train` split: 1 unaugmented + views − 1 augmented (module docstring)
     augment_seed: int = 0  # seeds the augmentations (public randomness, recorded in the file)
+    augment_shift: int | None = None  # largest shift in pixels of an augmented view; None: R/8 (`augment`)
+    augment_flip: bool = True  # whether augmented views may be flipped left-right
 
 
 def views_of(config: ExtractConfig, split: str) -> int:
@@ -246,6 +248,9 @@ def extract(
         raise ExtractError(f"views must be an integer in [1, {MAX_VIEWS}] (1: no augmentation), got {config.views!r}")
     if isinstance(config.augment_seed, bool) or not isinstance(config.augment_seed, int) or config.augment_seed < 0:
         raise ExtractError(f"augment seed must be an integer >= 0, got {config.augment_seed!r}")
+    shift = config.augment_shift
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int) or shift < 0):
+        raise ExtractError(f"augment shift must be an integer >= 0 (pixels), got {shift!r}")
     out = pathlib.Path(config.out)
     if not out.parent.exists():
         raise ExtractError(f"cannot write {out}: directory {out.parent} does not exist")
@@ -274,7 +279,10 @@ def _augmentation(config: ExtractConfig, backbone: Backbone) -> Augmentation | N
     """What the loaders apply (None: one view of every split, as without views)."""
     if config.views == 1:
         return None
-    return Augmentation(config.views, config.augment_seed, max_shift_for(backbone.image_size), AUGMENTED_SPLITS)
+    shift = max_shift_for(backbone.image_size) if config.augment_shift is None else config.augment_shift
+    if shift >= backbone.image_size:  # reflect padding mirrors at most the image once
+        raise ExtractError(f"augment shift {shift} must be below the image size {backbone.image_size}")
+    return Augmentation(config.views, config.augment_seed, shift, AUGMENTED_SPLITS, config.augment_flip)
 
 
 def _check_batch_memory(batch_size: int, backbone: Backbone) -> None:
