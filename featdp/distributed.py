@@ -44,7 +44,9 @@ collective (at the latest the `finish()` every job ends with), see the failure t
 collectives: the others' next collective fails at once and they stop with a message saying so (JAX's
 recoverable mode keeps its coordination service from aborting the survivors when heartbeats stop). A dead
 *coordinator* (process 0) takes the coordination service with it, and JAX itself then terminates the
-others with its own fatal error. Either way nothing is half-written: a fit's outputs are written by
+others with its own fatal error (SIGABRT): the CLI runs each process of a group under a supervisor
+(`featdp_cli.supervise`) that turns that into one `error:` line, but a library caller of `connect` gets
+JAX's abort. Either way nothing is half-written: a fit's outputs are written by
 process 0 at the end, as one unit, and an extraction's parts resume from their `rows_done`.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -285,6 +286,66 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_extraction_res
             np.testing.assert_array_equal(a, b)
 
 
+def _kill_in_the_middle_of_train(process) -> int:
+    """Reads `process`'s progress lines ("[0:01] train 40/225 (…)") and SIGKILLs it halfway through its train
+    rows; returns its number of train rows."""
+    for line in process.stdout:
+        words = line.split()
+        if len(words) >= 3 and words[1] == "train" and "/" in words[2]:
+            done, total = map(int, words[2].split("/"))
+            if 0 < done < total:
+                process.send_signal(signal.SIGKILL)
+                return total
+    raise AssertionError(f"no progress line before the end (exit code {process.wait()})")
+
+
+def _fatal_log_lines(stderr: str) -> list[str]:
+    """What JAX's own fatal ending prints: absl FATAL lines, C++ stack traces, Python tracebacks."""
+    return [line for line in stderr.splitlines() if re.match(r"F\d{4} ", line) or "Check failure" in line
+            or "Terminating process" in line or line.lstrip().startswith("@ 0x") or "Traceback" in line]
+
+
+def test_a_killed_process_0_stops_the_others_with_one_error_line_and_the_extraction_resumes(tmp_path):
+    """Process 0 hosts JAX's coordination service: when it dies, JAX ends every other process with a fatal
+    error; each process's supervisor (featdp_cli.supervise) turns that into one `error:` line and exit 2."""
+    images = make_folder(tmp_path / "data", per_class=(150, 2))
+    out = tmp_path / "many.h5"
+    port = free_port()
+    commands = [_extract(images, out, "--batch-size", "2", *group_flags(port, 3, i)) for i in range(3)]
+    victim = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    survivors = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                 for c in commands[1:]]
+    total = _kill_in_the_middle_of_train(victim)
+    victim.wait(timeout=TIMEOUT)
+    killed_at = time.monotonic()
+    assert victim.returncode == -signal.SIGKILL
+    for index, survivor in enumerate(survivors, start=1):
+        _, err = survivor.communicate(timeout=TIMEOUT)
+        assert survivor.returncode == 2, err
+        message = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(message) == 1, err
+        assert message[0].startswith(f"error: process 0 (the coordinator at localhost:{port}) stopped responding"), err
+        assert f"process {index} of 3 stopped; rerun the same command on every host to resume" in message[0]
+        assert not _fatal_log_lines(err), err
+        report = pathlib.Path(re.search(r"\(JAX's report: (.+)\)$", message[0]).group(1))
+        assert "Terminating process because the JAX distributed service" in report.read_text()
+        report.unlink()
+    assert time.monotonic() - killed_at < 60  # JAX's client sees the service gone within a second or so
+    assert not out.exists()  # no manifest: nothing half-written
+    with FeatureFile(parts.part_path(out, 0, 3)) as part:  # process 0's part kept what it had written
+        assert 0 < part.split("train", require_complete=False).rows_done < total
+
+    resumed = run_all(commands)  # the same commands, on the same port
+    assert [r.returncode for r in resumed] == [0, 0, 0], [r.stderr for r in resumed]
+    single = subprocess.run(_extract(images, tmp_path / "one.h5"), capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr
+    one, many = _read_all(tmp_path / "one.h5"), _read_all(out)
+    assert one.keys() == many.keys()
+    for name in one:
+        for a, b in zip(one[name], many[name]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_part_from_another_run_is_refused_by_extraction_and_by_fit(images, tmp_path):
     out, other = tmp_path / "many.h5", tmp_path / "other.h5"
     for path, limit in ((out, "13"), (other, "12")):
@@ -446,3 +507,149 @@ def test_processes_running_different_commands_are_told_which_option_differs(imag
     ])
     assert [r.returncode for r in results] == [2, 2]
     assert all("differ in limit" in r.stderr for r in results), [r.stderr for r in results]
+
+
+# --- the supervisor of each process (featdp_cli.supervise) ----------------------------------------------------
+
+# What JAX's client prints when the coordination service is gone (jaxlib 0.10), then SIGABRT.
+JAX_FATAL = (
+    "E1130 03:11:03.047153    7838 coordination_service_agent.cc:289] Polled an error from coordination service "
+    "(this can be an error from this or another task).\n"
+    "F1130 03:11:03.048029    7838 client.h:80] Terminating process because the JAX distributed service detected "
+    "fatal errors. This most likely indicates that another task died; see the other task logs for more details. "
+    "absl::Status: {status}. Check earlier logs from 1) this task, 2) the leader (usually slice 0 task 0), and 3) "
+    "cluster scheduler to debug further.\n"
+    "Additional GRPC error information from remote target coordination_service while calling "
+    "/xla.coordination.CoordinationService/PollForError:\n"
+    ':UNKNOWN:Error received from peer  {{grpc_status:14, grpc_message:"Socket closed"}}\n'
+    "*** Check failure stack trace: ***\n"
+    "    @     0x7fbf5a640634  absl::lts_20260107::log_internal::LogMessage::SendToLog()\n"
+)
+UNAVAILABLE = ("UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was "
+               "preempted/died/restarted unexpectedly or this task is experiencing network issues")
+NORMAL = ("[Gloo] Rank 1 is connected to 1 peer ranks\n"
+          "W1130 03:11:01.000000    7838 coordination_service.cc:185] a warning, not fatal\n"
+          "  its second line\n")
+
+
+def _fake_child(stderr: str | list[str], end: str, gap: float = 0.0) -> list[str]:
+    """A child that writes `stderr` (its pieces `gap` seconds apart) and then ends with `end` (Python code)."""
+    pieces = [stderr] if isinstance(stderr, str) else stderr
+    code = (f"import os, sys, time\nsys.stdout.write('out\\n'); sys.stdout.flush()\nfor piece in {pieces!r}:\n"
+            f"    sys.stderr.write(piece); sys.stderr.flush(); time.sleep({gap})\n{end}\n")
+    return [sys.executable, "-c", code]
+
+
+def _supervise(tmp_path, stderr: str | list[str], end: str, process_id: int = 1, gap: float = 0.0):
+    from featdp_cli import supervise
+
+    path = tmp_path / f"stderr-{time.monotonic_ns()}"
+    with open(path, "wb") as sink:
+        outcome = supervise.run(_fake_child(stderr, end, gap), coordinator="host-a:1234", process_id=process_id,
+                                num_processes=2, stderr_fd=sink.fileno())
+    return outcome, path.read_text()
+
+
+def test_a_child_ended_by_jax_for_an_unreachable_coordinator_is_one_line_naming_process_0(tmp_path):
+    """The log lines just before JAX's fatal line (its "Polled an error") and the child's own error line
+    (a broken collective seen first) go to the report with it; earlier lines pass."""
+    from featdp_cli import supervise
+
+    held = "error: process 1 of 2 lost contact with the other processes (gloo): ...\n"
+    late = "W1130 03:11:03.000000    7838 preemption_sync_manager.cc:147] Failed: UNAVAILABLE\n  more\n"
+    outcome, stderr = _supervise(tmp_path, [NORMAL, held + late + JAX_FATAL.format(status=UNAVAILABLE)],
+                                 "os.abort()", gap=supervise.HOLD_S + 0.5)
+    assert outcome.returncode == -signal.SIGABRT
+    assert outcome.message == (
+        "process 0 (the coordinator at host-a:1234) stopped responding (UNAVAILABLE: Failed to send RPC to "
+        "coordination service), so process 1 of 2 stopped; rerun the same command on every host to resume "
+        f"(JAX's report: {outcome.report})")
+    assert stderr == NORMAL  # the lines before the fatal report pass; it and the child's own error line do not
+    report = pathlib.Path(outcome.report).read_text()
+    assert report == held + late + JAX_FATAL.format(status=UNAVAILABLE)
+    pathlib.Path(outcome.report).unlink()
+
+
+@pytest.mark.parametrize("process_id, status, expected", [
+    (1, "INTERNAL: this task was marked unhealthy",
+     "JAX's coordination service (process 0, at host-a:1234) ended process 1 of 2: INTERNAL: this task was "
+     "marked unhealthy"),
+    (0, UNAVAILABLE, "JAX's coordination service (process 0, at host-a:1234) ended process 0 of 2: UNAVAILABLE: "
+                     "Failed to send RPC to coordination service"),
+    (1, "DEADLINE_EXCEEDED: heartbeat timeout", "process 0 (the coordinator at host-a:1234) stopped responding "
+                                                "(DEADLINE_EXCEEDED: heartbeat timeout), so process 1 of 2 stopped"),
+])
+def test_other_fatal_endings_by_jax_name_their_status(tmp_path, process_id, status, expected):
+    outcome, stderr = _supervise(tmp_path, JAX_FATAL.format(status=status), "os._exit(1)", process_id)
+    assert outcome.returncode == 1 and outcome.message.startswith(expected + "; rerun the same command"), outcome
+    assert stderr == ""
+    pathlib.Path(outcome.report).unlink()
+
+
+@pytest.mark.parametrize("stderr, end, returncode", [
+    (NORMAL, "sys.exit(0)", 0),
+    (NORMAL + "error: a bad value\n", "sys.exit(3)", 3),
+    # A fatal error that is not JAX's distributed runtime's: passed through, the signal too.
+    ("F1130 03:11:03.048029    7838 other.cc:1] Check failed: x\n*** Check failure stack trace: ***\n",
+     "os.abort()", -signal.SIGABRT),
+    # JAX's fatal line, but a child that nonetheless ended well: nothing to report.
+    (JAX_FATAL.format(status=UNAVAILABLE), "sys.exit(0)", 0),
+])
+def test_every_other_ending_passes_through_unchanged(tmp_path, stderr, end, returncode):
+    outcome, passed = _supervise(tmp_path, stderr, end)
+    assert outcome.returncode == returncode and outcome.message is None
+    assert passed == stderr
+
+
+SUPERVISOR = textwrap.dedent("""
+    import sys
+    from featdp_cli import supervise
+    child = ("import os, sys, time\\nfrom featdp_cli import supervise\\nsupervise.adopt()\\n"
+             "print(os.getpid(), flush=True)\\ntime.sleep(120)")
+    outcome = supervise.run([sys.executable, "-c", child], coordinator="h:1", process_id=1, num_processes=2)
+    sys.exit(supervise.exit_like(outcome.returncode))
+""")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+@pytest.mark.parametrize("sent, ends_with", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)])
+def test_a_signal_to_the_supervisor_reaches_its_child_and_leaves_no_orphan(sent, ends_with):
+    """SIGTERM is forwarded (the child dies of it, and the supervisor as it did); SIGKILL cannot be, but
+    the child dies with its supervisor."""
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR], stdout=subprocess.PIPE, text=True, env=ENV)
+    child = int(supervisor.stdout.readline())
+    supervisor.send_signal(sent)
+    assert supervisor.wait(timeout=30) == ends_with
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)
+
+
+def test_a_command_given_as_a_list_of_arguments_is_not_supervised(monkeypatch, tmp_path):
+    """CliRunner passes arguments, not this process's command line: re-running that would run pytest."""
+    from typer.testing import CliRunner
+
+    from featdp_cli import supervise
+    from featdp_cli.main import app
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("supervised")
+
+    monkeypatch.setattr(supervise, "run", refuse)
+    result = CliRunner().invoke(app, ["fit", str(tmp_path / "f.h5"), "--eps", "1", "--coordinator",
+                                      f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+                                      "--coordinator-timeout", "1"])
+    assert result.exit_code == 2 and "cannot reach the coordinator" in result.output, result.output
