@@ -2,7 +2,8 @@
 extract and what they give, private end to end.
 
     python benchmarks/views.py --workdir /tmp/featdp_views [--views 1,4,8] [--eps 0.5,1,3,8] [--seeds 3]
-                               [--methods dp-sgd,dp-fc] [--out benchmarks/results]
+                               [--methods dp-sgd,dp-fc] [--augment-shift PX] [--no-augment-flip]
+                               [--out benchmarks/results]
 
 For each V: `featdp extract -b scatternet -d fashion_mnist --views V` into the workdir (timed; reused, with
 its recorded time, when the file is already complete), then the bench (`featdp.bench.runner.run_bench`) on
@@ -26,11 +27,13 @@ from featdp.cache import StatisticsCache
 from featdp.featurefile import FeatureFile, FeatureFileError
 
 
-def extracted(workdir: pathlib.Path, views: int) -> tuple[pathlib.Path, float]:
+def extracted(workdir: pathlib.Path, views: int, shift: int | None = None, flip: bool = True
+              ) -> tuple[pathlib.Path, float]:
     """(the V-view feature file, the seconds its extraction took), extracting it unless it is complete."""
     from featdp.extraction.extract import ExtractConfig, extract
 
-    path = workdir / f"fmnist_scatternet_views{views}.h5"
+    variant = ("" if shift is None or views == 1 else f"_shift{shift}") + ("" if flip or views == 1 else "_noflip")
+    path = workdir / f"fmnist_scatternet_views{views}{variant}.h5"
     timing = path.with_suffix(".seconds.json")
     try:
         with FeatureFile(path) as features:
@@ -40,7 +43,8 @@ def extracted(workdir: pathlib.Path, views: int) -> tuple[pathlib.Path, float]:
     except (FeatureFileError, OSError):
         pass
     started = time.perf_counter()
-    extract(ExtractConfig(backbone="scatternet", dataset="fashion_mnist", out=path, views=views))
+    extract(ExtractConfig(backbone="scatternet", dataset="fashion_mnist", out=path, views=views,
+                          augment_shift=shift, augment_flip=flip))
     seconds = time.perf_counter() - started
     timing.write_text(json.dumps({"seconds": seconds}))
     return path, seconds
@@ -54,7 +58,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default="dp-sgd,dp-fc")
     parser.add_argument("--memory-gib", type=float, default=16.0, help="hold splits up to this size in memory")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write views.md there")
+    parser.add_argument("--augment-shift", type=int, default=None, help="largest shift in px; default R/8")
+    parser.add_argument("--no-augment-flip", action="store_true", help="augmented views are never flipped")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write views<variant>.md there")
     args = parser.parse_args()
     view_counts = [int(v) for v in args.views.split(",")]
     epsilons = tuple(float(e) for e in args.eps.split(","))
@@ -66,7 +72,7 @@ def main() -> None:
     seconds: dict[tuple[int, str, str], list[float]] = {}
     extraction: dict[int, float] = {}
     for views in view_counts:
-        path, extraction[views] = extracted(args.workdir, views)
+        path, extraction[views] = extracted(args.workdir, views, args.augment_shift, not args.no_augment_flip)
         train, test = load_splits(path, budget_bytes=int(args.memory_gib * 2**30))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeltaWarning)
@@ -79,16 +85,18 @@ def main() -> None:
             seconds.setdefault(key, []).append(row.fit_seconds)
         del train, test, result
 
+    augmentation = ("" if args.augment_shift is None else f" --augment-shift {args.augment_shift}") + (
+        " --no-augment-flip" if args.no_augment_flip else "")
     lines = [
         "# Augmentation multiplicity: Fashion-MNIST ScatterNet, V views per training example",
         "",
         f"Command: `python benchmarks/views.py --views {args.views} --eps {args.eps} --seeds {args.seeds} "
-        f"--methods {args.methods}`",
+        f"--methods {args.methods}{augmentation}`",
         "",
         f"Test top-1 %, median over seeds 0…{args.seeds - 1} (δ = 1e-5; test split: one view). Private-tuned rows:"
         " hyperparameters chosen by `featdp tune`'s accounted selection within the same ε. Extraction: "
-        "`featdp extract -b scatternet -d fashion_mnist --views V` on this machine (train 60k × V images, "
-        "test 10k × 1).",
+        f"`featdp extract -b scatternet -d fashion_mnist --views V{augmentation}` on this machine (train 60k × V "
+        "images, test 10k × 1; other jobs shared its 2 cores).",
         "",
         "| V | extract s | kind | method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " | fit s (median) |",
         "|---|---|---|---|" + "---|" * len(epsilons) + "---|",
@@ -101,7 +109,8 @@ def main() -> None:
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "views.md").write_text(table)
+        name = "views" + augmentation.replace(" --augment-shift ", "_shift").replace(" --no-augment-flip", "_noflip")
+        (args.out / f"{name}.md").write_text(table)
 
 
 if __name__ == "__main__":
