@@ -61,7 +61,7 @@ def candidates(n: int, d: int) -> dict[str, tuple[str, dict]]:
         "dp-sgd 10 epochs, C = √d": ("dp-sgd", recipe(n, d, epochs(10))),
         "dp-sgd 5 epochs, C = √d": ("dp-sgd", recipe(n, d, epochs(5))),
         "dp-sgd 10 epochs, C = 63": ("dp-sgd", recipe(n, d, epochs(10), clip_norm=63.0)),
-        "dp-fc defaults (10 steps)": ("dp-fc", {}),
+        "dp-fc defaults (10 steps)": ("dp-fc", {"steps": 10}),
         "dp-fc 30 steps": ("dp-fc", {"steps": 30}),
         "dp-fc lam_scale 0.3": ("dp-fc", {"lam_scale": 0.3}),
     }

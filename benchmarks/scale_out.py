@@ -62,6 +62,7 @@ LOADER_RATE = 1204.0  # img/s end to end, 15 loader processes, same machine (sam
 METHODS = {  # name: (passes that stream rows, moments pass?, gradient releases T, hessian stack?)
     "dp-ls": dict(moments=1, gradient_passes=0, gram=True, gradients=0, hessians=False),
     "dp-sgd (1 full-batch step)": dict(moments=0, gradient_passes=1, gram=False, gradients=1, hessians=False),
+    # dp-fc at 10 steps, as the label says (not its default, now 30; results/scale_out.md was run with this)
     "dp-fc (10 full-batch steps)": dict(moments=1, gradient_passes=10, gram=True, gradients=10, hessians=False),
     "dp-newton (1 step)": dict(moments=1, gradient_passes=0, gram=False, gradients=1, hessians=True),
 }

@@ -222,6 +222,7 @@ def fit(
     from featdp.jobs import fit_feature_file
     from featdp.methods import get_method
 
+    memory_budget = _memory_budget(memory_gib)  # before joining any process group
     overrides = _parse_sets(sets)
     try:
         method_obj = get_method(method)
@@ -236,7 +237,7 @@ def fit(
             job = fit_feature_file(
                 features, method_obj, epsilon=eps, delta=delta, seed=seed, accountant=accountant.value,
                 train_split=train_split, test_split=test_split, out_dir=out, device=device.value, processes=group,
-                memory_budget_bytes=_memory_budget(memory_gib),
+                memory_budget_bytes=memory_budget,
             )
     except _user_errors() as error:
         _fail(str(error))
@@ -296,6 +297,7 @@ def tune(
 
     if eps is None:
         _fail("--eps is required: the selection is private, and its target epsilon covers every run")
+    memory_budget = _memory_budget(memory_gib)
     try:
         grid = parse_grid(grids)
         RunsDistribution(mean_runs, shape)
@@ -310,7 +312,7 @@ def tune(
                 features, methods, epsilon=eps, delta=delta, mean_runs=mean_runs, shape=shape, grid=grid,
                 seed=seed, accountant=accountant.value, train_split=train_split, test_split=test_split,
                 out_dir=out, on_run=lambda done, total: display(Update("runs", done, total)),
-                memory_budget_bytes=_memory_budget(memory_gib),
+                memory_budget_bytes=memory_budget,
             )
     except (SelectionError, *_user_errors()) as error:
         _fail(str(error))

@@ -1,6 +1,7 @@
 """The HDF5 feature file: the only thing passed from extraction (stage one) to fitting (stage two).
 
-Layout, format version 1 (this docstring is the format's specification)::
+Layout, format version 1, or 2 for a file with a split of several views (this docstring is the format's
+specification)::
 
     /                  attrs: format, format_version, featdp_version, backbone, checkpoint,
                               checkpoint_sha256, dataset, image_size, preprocessing (JSON),
@@ -604,9 +605,13 @@ def _views_attr(path, attrs, where: str) -> int:
     return int(value)
 
 
-def _check_views_version(path, h5: h5py.File, where: str, views: int) -> None:
-    """A split of several views must sit in a file whose format_version says views may occur."""
-    version = h5.attrs.get("format_version")
+def _check_views_version(path, group: h5py.Group, where: str, views: int) -> None:
+    """A split of several views must sit in a file whose format_version says views may occur, and every
+    split of such a file must say how many views it holds: one that lost the attribute would otherwise read
+    as one view per example, each view counted as an example."""
+    version = group.file.attrs.get("format_version")
+    if version == VIEWS_FORMAT_VERSION and "views" not in group.attrs:
+        raise _error(path, f"{where} of a format_version {VIEWS_FORMAT_VERSION} file lacks its 'views' attribute")
     if views > 1 and version != VIEWS_FORMAT_VERSION:
         raise _error(path, f"{where} declares views={views}, but the file's format_version {_show(version)} has "
                            f"one view per example (format_version {VIEWS_FORMAT_VERSION} files may hold views)")
@@ -684,7 +689,7 @@ def _split_state(path, group: h5py.Group, name: str, feature_dim: int) -> tuple[
     if complete and done != n:
         raise _error(path, f"{where}: marked complete with rows_done={done} of {n}")
     views = _views_attr(path, group.attrs, where)
-    _check_views_version(path, group.file, where, views)
+    _check_views_version(path, group, where, views)
     if n % views or done % views:
         raise _error(
             path,
@@ -997,9 +1002,13 @@ class FeatureWriter:
         group.attrs.update(
             {"num_examples": np.int64(n), "rows_done": np.int64(0), "complete": np.bool_(False)}
         )
-        if views > 1:  # absent means one view: a one-view split is stored exactly as before views existed
-            group.attrs["views"] = np.int64(views)
+        if views > 1 and self._h5.attrs.get("format_version") != VIEWS_FORMAT_VERSION:
+            # The file may now hold views: every split states its number (one-view files stay as before).
             self._h5.attrs["format_version"] = np.int64(VIEWS_FORMAT_VERSION)
+            for other in _group_names(self._h5):
+                self._h5[other].attrs.setdefault("views", np.int64(1))
+        if self._h5.attrs.get("format_version") == VIEWS_FORMAT_VERSION:
+            group.attrs["views"] = np.int64(views)
         self._h5.flush()
         return 0
 

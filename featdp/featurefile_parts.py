@@ -1,6 +1,6 @@
 """The sharded layout of a feature file: what `featdp extract` writes when N processes extract together.
 
-Layout (format version 1; `featdp.featurefile` specifies the ordinary layout)::
+Layout (format version 1, or 2 with views; `featdp.featurefile` specifies the ordinary layout)::
 
     <out>                                   the manifest: an HDF5 file with a feature file's root attributes,
                                             plus layout="parts", no split groups, and one dataset
@@ -145,7 +145,7 @@ def describe_part(path: pathlib.Path, identity: dict, chunk_rows: dict[str, int]
                 features, labels, index = split.read_stored(start, stop)
                 digests.append(chunk_digest(name, first + start, features, labels, index))
             splits[name] = {"first_row": int(first), "num_rows": split.num_examples, "dtype": split.dtype.name,
-                            "chunk_rows": int(rows), "digests": digests}
+                            "chunk_rows": int(rows), "digests": digests, "views": split.views_per_example}
     return {"file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path), "index": identity["index"],
             "run_id": identity["run_id"], "splits": splits}
 
@@ -167,8 +167,10 @@ def write_manifest(path: os.PathLike | str, metadata, run_id: str, descriptions:
         for name, rows in entry["splits"].items():
             layout = splits.setdefault(name, {"num_examples": 0, "dtype": rows["dtype"],
                                               "chunk_rows": rows["chunk_rows"], "parts": []})
+            if rows.get("views", 1) > 1:  # recorded, so that a part that loses its attribute is refused
+                layout["views"] = rows["views"]
             if rows["first_row"] != layout["num_examples"] or rows["dtype"] != layout["dtype"] or (
-                    rows["chunk_rows"] != layout["chunk_rows"]):
+                    rows["chunk_rows"] != layout["chunk_rows"]) or rows.get("views", 1) != layout.get("views", 1):
                 raise _error(path, f"split {name!r}: part {index} starts at row {rows['first_row']} "
                                    f"({rows['dtype']}), the parts before it end at row {layout['num_examples']} "
                                    f"({layout['dtype']})")
@@ -316,6 +318,7 @@ class SplitLayout:
     dtype: str
     chunk_rows: int
     slices: tuple[PartSlice, ...]
+    views: int = 1  # views per example the manifest records (absent: 1); every part must hold as many
 
 
 class Manifest:
@@ -389,6 +392,11 @@ class Manifest:
         n, dtype, rows, slices = (layout.get(k) for k in ("num_examples", "dtype", "chunk_rows", "parts"))
         if not _is_int(n) or n < 0 or dtype not in _FEATURE_DTYPES or not _is_int(rows) or rows < 1:
             raise _error(self.path, f"{where}: num_examples {n!r}, dtype {dtype!r}, chunk_rows {rows!r} invalid")
+        from featdp.featurefile import MAX_VIEWS
+
+        views = layout.get("views", 1)
+        if not _is_int(views) or not 1 <= views <= MAX_VIEWS or n % views:
+            raise _error(self.path, f"{where}: views {views!r} invalid for {n!r} rows")
         if not isinstance(slices, list) or len(slices) != count:
             raise _error(self.path, f"{where} must list a row range for each of the {count} parts")
         parsed, next_row = [], 0
@@ -405,7 +413,7 @@ class Manifest:
             next_row += num
         if next_row != n:
             raise _error(self.path, f"{where}: the parts hold {next_row} rows, num_examples is {n}")
-        return SplitLayout(name, n, dtype, rows, tuple(parsed))
+        return SplitLayout(name, n, dtype, rows, tuple(parsed), views)
 
     def _open_part(self, index: int, entry: PartEntry):
         from featdp.featurefile import _IDENTIFYING, FeatureFile, _json_attr
@@ -442,11 +450,11 @@ class Manifest:
                     raise _error(self.path, f"part {name}, split {layout.name!r}: holds {held}, the manifest "
                                             f"assigns it rows [{piece.first_row}, {piece.first_row + piece.num_rows}) "
                                             f"of {layout.dtype}")
-                views = self.views.setdefault(layout.name, split.views_per_example)
+                views = self.views.setdefault(layout.name, layout.views)
                 if split.views_per_example != views:
                     raise _error(self.path, f"part {name}, split {layout.name!r}: holds "
-                                            f"{split.views_per_example} views per example, the parts before it "
-                                            f"{views}; every part of a split must hold the same number")
+                                            f"{split.views_per_example} views per example, the manifest records "
+                                            f"{views}; every part of a split must hold that many")
                 # Implied today by each part's own check (its rows are whole examples) and the contiguity
                 # checked at parse; stated here so that no change to those makes a part boundary cut an example.
                 if piece.first_row % views or piece.num_rows % views:

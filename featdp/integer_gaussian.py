@@ -199,5 +199,6 @@ def sampling_slack(coordinates: int, epsilon: float, delta: float, eta: float = 
     if tail > 0 and epsilon + math.log(tail) >= 0:
         # e^ε·M·t ≥ 1: the bound says nothing (and e^ε overflows a float past ε ≈ 709).
         return epsilon + epsilon_slack, 1.0
-    delta_out = math.exp(m * math.log1p(eta)) * (delta + math.exp(epsilon) * tail)
+    outside = math.exp(epsilon) * tail if tail > 0 else 0.0
+    delta_out = math.exp(m * math.log1p(eta)) * (delta + outside)
     return epsilon + epsilon_slack, min(1.0, delta_out)

@@ -48,7 +48,7 @@ def event_to_json(event: events.DpEvent) -> Any:
 
 def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
     calibration = result.calibration
-    report = head_fields(result.method, result.releases, result.seeded)
+    report = head_fields(result.method, result.releases, result.seeded, result.views_per_example)
     if calibration is not None:
         count, privacy, target = result.count, result.privacy, result.target
         report.update(
@@ -76,14 +76,18 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
     return report
 
 
-def head_fields(method, releases, seeded: bool) -> dict[str, Any]:
+def head_fields(method, releases, seeded: bool, views_per_example: int = 1) -> dict[str, Any]:
     """What every report (`fit`'s and `tune`'s) says first: the head's method, its releases, the seeding."""
+    relation = "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")"
+    if views_per_example > 1:
+        relation += (f"; an example is its {views_per_example} views (rows), each statistic counting it as their "
+                     "average")
     fields: dict[str, Any] = {
         "featdp_version": featdp.__version__,
         "method": method.name,
         "private": method.private,
         "hyperparameters": method.hyperparameters(),
-        "neighboring_relation": "add or remove one example (" + accounting.NEIGHBORING_RELATION.name + ")",
+        "neighboring_relation": relation,
         "releases": [r.to_json_dict() for r in releases],
         "noise_seeded": seeded,
     }

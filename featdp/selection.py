@@ -606,8 +606,11 @@ def _slack(coordinates: int, epsilon: float, delta: float, tail: float) -> tuple
     coordinates. Splitting every probability over that event, as in `integer_gaussian.sampling_slack`:
     Q_D(E) ≤ (1+η)^M P_D(E) + ρ, and P_D'(E) ≤ (1−η)^−M Q_D'(E) + M·t + ρ, so
     ε' = ε + M·log((1+η)/(1−η)) and δ' = (1+η)^M (δ + e^ε (M·t + ρ)) + ρ."""
-    spent_epsilon, spent_delta = integer_gaussian.sampling_slack(coordinates, epsilon, delta + math.exp(epsilon) * tail)
-    return spent_epsilon, spent_delta + tail
+    if tail > 0 and epsilon + math.log(tail) >= 0:  # e^ε·ρ ≥ 1: vacuous (and e^ε overflows past ε ≈ 709)
+        return integer_gaussian.sampling_slack(coordinates, epsilon, delta)[0], 1.0
+    outside = math.exp(epsilon) * tail if tail > 0 else 0.0
+    spent_epsilon, spent_delta = integer_gaussian.sampling_slack(coordinates, epsilon, delta + outside)
+    return spent_epsilon, min(1.0, spent_delta + tail)
 
 
 def _selection_delta(target: PrivacyTarget, count_delta: float, coordinates: int, tail: float) -> float:
@@ -681,6 +684,7 @@ class SelectionResult(LinearHead):
     seeded: bool
     seconds: float
     num_examples: int  # the true n: for the caller's own use, never written to a report
+    views_per_example: int = 1
 
     @property
     def event(self) -> events.DpEvent:
@@ -845,6 +849,7 @@ def select(
         count=count, privacy=privacy, target=target, public_fit_size=public_fit_size,
         public_validation_size=public_validation_size, releases=list(count_releaser.releases) + best_releases,
         seeded=key.seeded, seconds=time.perf_counter() - started, num_examples=n,
+        views_per_example=views_per_example(train),
     )
 
 
@@ -872,7 +877,7 @@ def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
     privacy, count, target, best = result.privacy, result.count, result.target, result.best
     ideal_epsilon = count.epsilon + privacy.selection_epsilon
     ideal_delta = count.delta + privacy.selection_delta
-    report = report_lib.head_fields(result.method, result.releases, result.seeded)
+    report = report_lib.head_fields(result.method, result.releases, result.seeded, result.views_per_example)
     report.update({
         "job": "tune",
         "noise_scale": best.noise_scale,

@@ -101,6 +101,7 @@ class FitResult(LinearHead):
     count: CountRelease | None = None
     privacy: PrivacySpent | None = None
     target: PrivacyTarget | None = None  # with δ resolved
+    views_per_example: int = 1  # rows per example of the train split (augmentation multiplicity)
 
 
 def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float, delta: float) -> CountRelease:
@@ -208,10 +209,17 @@ def fit(
     progress.report(task, phases, phases)
     ideal_epsilon, ideal_delta = count.epsilon + calibration.epsilon, count.delta + method_delta
     spent_epsilon, spent_delta = sampling_slack(releaser.releases, ideal_epsilon, ideal_delta)
+    if spent_delta > target.delta or spent_epsilon > target.epsilon:
+        # The sampler's slack grows as e^ε: at a large ε its δ term outgrows the reserve. Nothing is returned.
+        raise accounting.PrivacyParameterError(
+            f"at epsilon={target.epsilon:g} the noise sampler's slack brings the guarantee to (ε, δ) = "
+            f"({spent_epsilon:.6g}, {spent_delta:.3g}), beyond the target delta={target.delta:g}; use a smaller "
+            "epsilon (the sampler's bound grows as e^ε)"
+        )
     privacy = PrivacySpent(spent_epsilon, spent_delta, ideal_epsilon, ideal_delta,
                            sum(r.coordinates for r in releaser.releases))
     result = _result(method, weights, n, releaser, calibration, key.seeded, elapsed)
-    return dataclasses.replace(result, count=count, privacy=privacy, target=target)
+    return dataclasses.replace(result, count=count, privacy=privacy, target=target, views_per_example=views)
 
 
 def working_memory_bytes(method: Method, dim: int, num_classes: int) -> int:

@@ -102,3 +102,25 @@ def test_sampling_slack_at_a_huge_epsilon_is_vacuous_not_an_overflow():
     # e^ε overflows a float past ε ≈ 709; the bound is δ' ≤ 1 there, as everywhere e^ε·M·t ≥ 1.
     assert integer_gaussian.sampling_slack(40, 1e4, 1e-6)[1] == 1.0
     assert integer_gaussian.sampling_slack(40, 1.0, 1e-6)[1] < 2e-6
+
+
+def test_slack_without_coordinates_or_tail_never_overflows():
+    from featdp import selection
+
+    assert integer_gaussian.sampling_slack(0, 1e4, 1e-6) == (1e4, 1e-6)
+    assert selection._slack(10**6, 800.0, 1e-5, 0.0)[1] == 1.0
+    assert selection._slack(10**6, 800.0, 1e-5, 1e-12)[1] == 1.0
+
+
+def test_a_fit_whose_sampler_slack_exceeds_the_target_delta_is_refused():
+    import numpy as np
+    import pytest
+
+    from featdp.accounting import PrivacyParameterError
+    from featdp.training import fit_arrays
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 40)).astype(np.float32), rng.integers(0, 3, 200)
+    with pytest.raises(PrivacyParameterError, match=r"beyond the target delta=1e-05"):
+        fit_arrays(x, y, "dp-ls", epsilon=60.0, delta=1e-5, seed=0)
+    assert fit_arrays(x, y, "dp-ls", epsilon=8.0, delta=1e-5, seed=0).privacy.delta <= 1e-5

@@ -49,21 +49,35 @@ def test_max_shift_is_an_eighth_of_the_image_rounded_half_up_and_at_least_one():
         max_shift_for(0)
 
 
-def test_view_0_is_the_image_and_other_views_are_reproducible_functions_of_seed_split_index_view():
+def test_view_0_is_the_image_and_other_views_are_reproducible_functions_of_seed_split_content_view():
     image = _image()
-    assert augment_view(image, 0, seed=1, split="train", index=5, max_shift=4) is image
-    first = augment_view(image, 2, seed=1, split="train", index=5, max_shift=4)
+    assert augment_view(image, 0, seed=1, split="train", max_shift=4) is image
+    first = augment_view(image, 2, seed=1, split="train", max_shift=4)
     assert first.shape == image.shape and first.dtype == np.uint8
-    np.testing.assert_array_equal(augment_view(image.copy(), 2, seed=1, split="train", index=5, max_shift=4), first)
-    key = dict(seed=1, split="train", index=5, view=2)
+    np.testing.assert_array_equal(augment_view(image.copy(), 2, seed=1, split="train", max_shift=4), first)
+    key = dict(seed=1, split="train", image=image, view=2)
     draws = view_rng(**key).random(4)
-    for name, other in (("seed", 2), ("split", "test"), ("index", 6), ("view", 3)):
+    other_image = image.copy()
+    other_image[0, 0, 0] ^= 1
+    for name, other in (("seed", 2), ("split", "test"), ("image", other_image), ("view", 3)):
         assert not np.array_equal(view_rng(**{**key, name: other}).random(4), draws), name
+
+
+def test_an_examples_views_do_not_depend_on_its_position_in_the_source(folder):
+    # Neighbouring source datasets (one image added or removed) must give feature files that differ in that
+    # example only: the views of every other image stay the same wherever it sits.
+    from featdp.extraction.backbones.registry import load_backbone
+
+    dataset, prepare = open_dataset(f"folder:{folder}"), load_backbone(BACKBONE).prepare
+    augmentation = Augmentation(V, 0, max_shift_for(28))
+    batch = LoadBatch(dataset, "train", prepare, augmentation)(np.array([4, 5]))
+    shifted = LoadBatch(dataset, "train", prepare, augmentation)(np.array([5, 4]))
+    np.testing.assert_array_equal(batch["image"][:V], shifted["image"][V:])
 
 
 def test_views_are_flips_and_shifts_bounded_by_max_shift_covering_both_ends():
     image = np.arange(28 * 28 * 3, dtype=np.int64).reshape(28, 28, 3)  # every pixel distinct: the transform is unique
-    found = [_find_transform(image, augment_view(image, v, seed=0, split="train", index=i, max_shift=4), 4)
+    found = [_find_transform(image, augment_view(image, v, seed=i, split="train", max_shift=4), 4)
              for i in range(60) for v in (1, 2)]
     assert None not in found  # never a shift beyond 4 pixels, never anything but a flip and a shift
     flips = [flip for flip, _, _ in found]
@@ -78,7 +92,7 @@ def test_prepared_images_of_the_backbones_keep_their_shape(size, channels):
     source = _image(37, channels, seed=3)[..., 0] if channels == 1 else _image(37, channels, seed=3)
     prepared = center_crop_resize(source, size)
     shift = max_shift_for(size)
-    views = Augmentation(4, 0, shift).views_for(prepared, "train", 7)
+    views = Augmentation(4, 0, shift).views_for(prepared, "train")
     assert views.shape == (4, size, size, 3) and views.dtype == np.uint8
     np.testing.assert_array_equal(views[0], prepared)
     assert all(_find_transform(prepared, views[v], shift) is not None for v in (1, 2, 3))
@@ -86,7 +100,8 @@ def test_prepared_images_of_the_backbones_keep_their_shape(size, channels):
 
 def test_augmentation_describes_itself_and_refuses_bad_values():
     assert Augmentation(4, 9, 28).describe() == {"views": 4, "splits": ["train"], "seed": 9, "flip": 0.5,
-                                                 "max_shift": 28, "padding": "reflect"}
+                                                 "max_shift": 28, "padding": "reflect",
+                                                 "draws": "seed, split, image content, view"}
     assert Augmentation(4, 9, 28).views_of("test") == 1
     for bad in (dict(views=0), dict(seed=-1), dict(max_shift=-2), dict(views=True)):
         args = {"views": 2, "seed": 0, "max_shift": 1, **bad}
@@ -134,7 +149,7 @@ def test_loaded_batches_hold_the_views_of_each_example_example_major(folder):
     np.testing.assert_array_equal(batch["index"], [4, 4, 4, 5, 5, 5])
     np.testing.assert_array_equal(batch["label"], np.repeat([dataset.example("train", i)[1] for i in (4, 5)], V))
     np.testing.assert_array_equal(batch["image"][V:], augmentation.views_for(prepare(dataset.example("train", 5)[0]),
-                                                                            "train", 5))
+                                                                            "train"))
     assert LoadBatch(dataset, "test", prepare, augmentation)(np.array([4, 5]))["image"].shape == (2, 28, 28, 3)
 
 
@@ -160,7 +175,7 @@ def test_view_rows_are_the_backbone_applied_to_the_augmented_images(folder, extr
     _, three = extracted
     backbone, dataset = load_backbone(BACKBONE), open_dataset(f"folder:{folder}")
     augmentation = Augmentation(V, 0, max_shift_for(backbone.image_size))
-    images = np.concatenate([augmentation.views_for(backbone.prepare(dataset.example("train", i)[0]), "train", i)
+    images = np.concatenate([augmentation.views_for(backbone.prepare(dataset.example("train", i)[0]), "train")
                              for i in range(3)])
     expected = np.asarray(jax.jit(backbone.apply)({}, images))
     np.testing.assert_allclose(_stored(three, "train")[0][: 3 * V], expected, rtol=2e-3, atol=2e-3)
@@ -171,7 +186,8 @@ def test_the_augmentation_is_recorded_and_a_one_view_file_records_none(extracted
     with FeatureFile(one) as a, FeatureFile(three) as b:
         assert "augmentation" not in a.metadata.preprocessing
         assert b.metadata.preprocessing["augmentation"] == {"views": V, "splits": ["train"], "seed": 0, "flip": 0.5,
-                                                            "max_shift": 4, "padding": "reflect"}
+                                                            "max_shift": 4, "padding": "reflect",
+                                                            "draws": "seed, split, image content, view"}
         rest = {k: v for k, v in b.metadata.preprocessing.items() if k != "augmentation"}
         assert rest == a.metadata.preprocessing
 
@@ -228,6 +244,8 @@ def test_a_batch_smaller_than_the_views_holds_one_whole_example(folder, extracte
                                            "'test'"),
     (["--augment-seed", "-1"], "augment seed must be an integer >= 0, got -1"),
     (["--augment-shift", "-2"], "augment shift must be an integer >= 0 (pixels), got -2"),
+    (["--augment-shift", "2"], "the augment seed, shift and flip options shape augmented views: they need views > 1"),
+    (["--no-augment-flip"], "they need views > 1 (--views N)"),
 ])
 def test_bad_view_options_are_one_error_line_exit_2_and_no_file(folder, tmp_path, args, fragment):
     out = tmp_path / "f.h5"
@@ -274,14 +292,16 @@ def test_a_2_process_view_extraction_equals_the_1_process_one(folder, extracted,
 
 def test_flips_off_and_no_shift_leave_every_view_the_image_and_flips_off_alone_changes_only_flips():
     image = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
-    same = Augmentation(4, 0, 0, flip=False).views_for(image, "train", 7)
+    same = Augmentation(4, 0, 0, flip=False).views_for(image, "train")
     assert all(np.array_equal(view, image) for view in same)
-    flipping = Augmentation(8, 0, 0).views_for(image, "train", 7)
+    flipping = Augmentation(8, 0, 0).views_for(image, "train")
     assert any(np.array_equal(view, image[:, ::-1]) for view in flipping[1:])
-    # Without flips, an augmented view is a shift of the image itself, never of its mirror image.
+    # Without flips, a view is the flipping augmentation's view with the same shift and no flip.
+    distinct = np.arange(12 * 12 * 3, dtype=np.int64).reshape(12, 12, 3)  # every pixel distinct: one transform
     shifted, shifted_flipping = Augmentation(8, 0, 2, flip=False), Augmentation(8, 0, 2)
-    for view in shifted.views_for(image, "train", 3)[1:]:
-        assert np.isin(view[..., 0], image[..., 0]).all()
-        assert not np.array_equal(view, image[:, ::-1])
+    transforms = [_find_transform(distinct, view, 2) for view in shifted.views_for(distinct, "train")[1:]]
+    flipping = [_find_transform(distinct, view, 2) for view in shifted_flipping.views_for(distinct, "train")[1:]]
+    assert all(t is not None and not t[0] for t in transforms)
+    assert [t[1:] for t in transforms] == [t[1:] for t in flipping] and any(t[0] for t in flipping)
     assert shifted.describe()["flip"] == 0.0 and shifted_flipping.describe()["flip"] == 0.5
     assert shifted.describe()["max_shift"] == 2

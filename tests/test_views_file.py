@@ -67,7 +67,7 @@ def test_a_2d_split_is_one_view_and_stored_as_before(view_file):
     np.testing.assert_array_equal(features, x[:, 0])
     np.testing.assert_array_equal(labels, y)
     with h5py.File(path, "r") as h5:
-        assert "views" not in h5["test"].attrs  # absent means one: older readers see the layout they know
+        assert h5["test"].attrs["views"] == 1  # a version 2 file states the views of every split
 
 
 def test_blocks_and_row_ranges_cut_anywhere_read_the_same_rows(view_file):
@@ -237,7 +237,7 @@ def test_a_part_that_disagrees_on_views_is_refused(tmp_path):
     with h5py.File(part_path(path, 1, 2), "r+") as h5:
         h5["train"].attrs.modify("views", np.int64(9))  # in place: the part keeps the size the manifest records
     with pytest.raises(FeatureFileError, match=r"part-00001-of-00002.h5, split 'train': holds 9 views per example, "
-                                               r"the parts before it 3"):
+                                               r"the manifest records 3"):
         FeatureFile(path)
 
 
@@ -284,8 +284,34 @@ def test_a_file_with_views_declares_format_version_2_and_a_version_1_file_may_no
     one = write_features(tmp_path / "one.h5", {"train": (x[:, 0], np.zeros(4, int))})
     with h5py.File(one, "r") as h5:
         assert h5.attrs["format_version"] == 1  # a one-view file is written exactly as before views existed
+        assert "views" not in h5["train"].attrs
     with h5py.File(path, "r+") as h5:
         h5.attrs["format_version"] = np.int64(1)  # what a featdp that predates views would accept
     with pytest.raises(FeatureFileError, match="declares views=2, but the file's format_version 1"):
         with FeatureFile(path) as features:
             features.split("train")
+
+
+def test_a_split_of_a_version_2_file_without_its_views_attribute_is_refused(tmp_path):
+    x = np.zeros((4, 2, 3), np.float32)
+    path = write_features(tmp_path / "v.h5", {"train": (x, np.zeros(4, int)), "test": (x[:, 0], np.zeros(4, int))})
+    with h5py.File(path, "r") as h5:
+        assert h5["test"].attrs["views"] == 1 and h5["train"].attrs["views"] == 2  # stated on every split
+    with h5py.File(path, "r+") as h5:
+        del h5["train"].attrs["views"]  # would read as 8 one-view examples
+    with pytest.raises(FeatureFileError, match="split 'train' of a format_version 2 file lacks its 'views'"):
+        with FeatureFile(path) as features:
+            features.split("train")
+
+
+def test_the_manifest_records_views_and_refuses_a_part_that_holds_another_number(tmp_path):
+    x, y = np.arange(6 * 3 * 2, dtype=np.float32).reshape(6, 3, 2), np.arange(6) % 2
+    path = write_parts(tmp_path / "p.h5", {"train": (x, y)}, 2)
+    with FeatureFile(path) as features:
+        assert features.split("train").views_per_example == 3
+    part = part_path(path, 1, 2)
+    with h5py.File(part, "r+") as h5:  # one view per row, as a featdp before views would have written it
+        del h5["train"].attrs["views"]
+        h5.attrs["format_version"] = np.int64(1)
+    with pytest.raises(FeatureFileError, match="holds 1 views per example, the manifest records 3"):
+        FeatureFile(path).close()

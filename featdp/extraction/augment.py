@@ -12,9 +12,12 @@ registered backbone, ScatterNet's gray 28×28 included) transformed as De et al.
   Both are choices of the extraction (`--augment-shift`, `--no-augment-flip`), recorded in the file.
 
 The randomness is not privacy noise. It is public and reproducible: every draw comes from a generator
-seeded by (augment seed, split name, example index, view), so a view never depends on which process, batch
-or resumed run computes it, and a resumed or sharded extraction writes exactly the rows of an uninterrupted
-one. Privacy comes from stage two, which treats an example's V rows as one record.
+seeded by (augment seed, split name, the prepared image's content, view), so a view never depends on which
+process, batch or resumed run computes it (a resumed or sharded extraction writes exactly the rows of an
+uninterrupted one), nor on the example's position: adding or removing one image of the source changes the
+views of that image only, so neighbouring source datasets give feature files that differ in one example,
+which is what stage two's guarantee is about. Privacy comes from stage two, which treats an example's V
+rows as one record.
 
 numpy only: this runs in loader worker processes (`featdp.extraction.loading`), which must not import JAX.
 """
@@ -29,28 +32,31 @@ import numpy as np
 FLIP_PROBABILITY = 0.5
 PADDING = "reflect"
 # Separates these draws from any other use of the same seed.
-_DOMAIN = int.from_bytes(b"featdp augment v1", "big")
+_DOMAIN = int.from_bytes(b"featdp augment v2", "big")
 
 
 def max_shift_for(image_size: int) -> int:
     """The largest translation, in pixels per axis, for R × R images: max(1, round(R / 8)), halves rounded
-    up (Python's round() would take 20 px to 2 and 28 px to 4; integer arithmetic says what it does)."""
+    up (Python's round() would take 20 px to 2 and 36 px to 4; integer arithmetic says what it does)."""
     image_size = int(image_size)
     if image_size < 1:
         raise ValueError(f"image_size={image_size} must be >= 1")
     return max(1, (image_size + 4) // 8)
 
 
-def view_rng(seed: int, split: str, index: int, view: int) -> np.random.Generator:
-    """The generator of one view's draws: a function of (seed, split, index, view) only."""
+def view_rng(seed: int, split: str, image: np.ndarray, view: int) -> np.random.Generator:
+    """The generator of one view's draws: a function of (seed, split, the image's content, view) only."""
     # The split name enters as 128 bits of its SHA-256: Python's hash() of a string differs per process.
     split_key = int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:16], "big")
-    return np.random.default_rng(np.random.SeedSequence([_DOMAIN, int(seed), split_key, int(index), int(view)]))
+    image = np.ascontiguousarray(image)
+    content = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode() + image.tobytes()).digest()
+    content_key = int.from_bytes(content[:16], "big")
+    return np.random.default_rng(np.random.SeedSequence([_DOMAIN, int(seed), split_key, content_key, int(view)]))
 
 
-def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: int, max_shift: int,
+def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, max_shift: int,
                  flip: bool = True) -> np.ndarray:
-    """View `view` of the prepared image of example `index` of `split` (module docstring): the image
+    """View `view` of a prepared image of `split` (module docstring): the image
     itself for view 0; for view ≥ 1 a flip (p = 1/2; never with `flip` False) and a translation of at most
     `max_shift` pixels per axis with reflect padding, as a new (H, W[, C]) array of the image's dtype and
     shape. The draws are the same whether or not flips are on, so `flip` changes nothing else."""
@@ -64,7 +70,7 @@ def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: 
         return image
     if max_shift < 0:
         raise ValueError(f"max_shift={max_shift} must be >= 0")
-    rng = view_rng(seed, split, index, view)
+    rng = view_rng(seed, split, image, view)
     flipped = rng.random() < FLIP_PROBABILITY and flip
     dy, dx = rng.integers(-max_shift, max_shift, size=2, endpoint=True)
     if flipped:
@@ -80,7 +86,7 @@ def augment_view(image: np.ndarray, view: int, *, seed: int, split: str, index: 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
     """`views` views per example of the splits named in `splits` (module docstring); picklable, for the
-    loader workers. `views_for(image, split, index)` gives all of an example's views, view 0 first."""
+    loader workers. `views_for(image, split)` gives all of an example's views, view 0 first."""
 
     views: int
     seed: int
@@ -97,10 +103,10 @@ class Augmentation:
         """Views per example of `split`: `views` for the augmented splits, 1 for the others."""
         return self.views if split in self.splits else 1
 
-    def views_for(self, image: np.ndarray, split: str, index: int) -> np.ndarray:
+    def views_for(self, image: np.ndarray, split: str) -> np.ndarray:
         """All views of one example's prepared image, stacked: (views_of(split), *image.shape)."""
         return np.stack([
-            augment_view(image, v, seed=self.seed, split=split, index=index, max_shift=self.max_shift,
+            augment_view(image, v, seed=self.seed, split=split, max_shift=self.max_shift,
                          flip=self.flip)
             for v in range(self.views_of(split))
         ])
@@ -108,4 +114,5 @@ class Augmentation:
     def describe(self) -> dict:
         """The provenance recorded in the feature file's `preprocessing` metadata (key "augmentation")."""
         return {"views": int(self.views), "splits": list(self.splits), "seed": int(self.seed),
-                "flip": FLIP_PROBABILITY if self.flip else 0.0, "max_shift": int(self.max_shift), "padding": PADDING}
+                "flip": FLIP_PROBABILITY if self.flip else 0.0, "max_shift": int(self.max_shift), "padding": PADDING,
+                "draws": "seed, split, image content, view"}

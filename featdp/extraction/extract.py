@@ -251,6 +251,10 @@ def extract(
     shift = config.augment_shift
     if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int) or shift < 0):
         raise ExtractError(f"augment shift must be an integer >= 0 (pixels), got {shift!r}")
+    if config.views == 1 and (shift is not None or not config.augment_flip or config.augment_seed != 0):
+        # Silently ignored, they would not be recorded either: the user meant augmented views.
+        raise ExtractError("the augment seed, shift and flip options shape augmented views: they need views > 1 "
+                           "(--views N)")
     out = pathlib.Path(config.out)
     if not out.parent.exists():
         raise ExtractError(f"cannot write {out}: directory {out.parent} does not exist")

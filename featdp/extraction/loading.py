@@ -26,7 +26,7 @@ class LoadBatch:
             image, label = self.dataset.example(self.split, int(i))
             prepared = self.prepare(image)
             if views > 1:
-                images.extend(self.augmentation.views_for(prepared, self.split, int(i)))
+                images.extend(self.augmentation.views_for(prepared, self.split))
             else:
                 images.append(prepared)
             labels.append(label)

@@ -22,7 +22,7 @@ DESCRIPTIONS = {
     "schedule": "learning rate over the steps: constant, cosine (to 0 after the last step) or linear (likewise)",
     "average": "head returned: none (the last), ema (exponential moving average of the heads) or tail "
                "(uniform mean of the last tail_fraction of them)",
-    "ema_decay": "decay β of average=ema, in [0, 1): W̄ ∝ Σ_t β^(T−t) W_t (0: the last head)",
+    "ema_decay": "decay β of average=ema, in [0, 1): W̄ ∝ Σ_t β^(T−1−t) W_t (0: the last head)",
     "tail_fraction": "share of the steps whose heads average=tail averages, in (0, 1]",
 }
 
@@ -51,7 +51,8 @@ def learning_rate(lr: float, schedule: str, steps: int) -> float | optax.Schedul
 
 @dataclasses.dataclass(frozen=True)
 class IterateAverage:
-    """W̄ = Σ_{t ≥ first} decay^(T−t) W_t / Σ_{t ≥ first} decay^(T−t) over the heads after steps t = 0 … T−1.
+    """W̄ = Σ_{t ≥ first} decay^(T−1−t) W_t / Σ_{t ≥ first} decay^(T−1−t) over the heads W_t after steps
+    t = 0 … T−1 (0⁰ = 1: at decay 0 the last head has weight 1 and every other 0).
 
     One rule covers the three kinds: the last head is decay 0; the EMA is decay β from the first step,
     debiased (normalized by the weights' sum, so W₀ = 0 pulls nothing toward zero); the tail mean is decay 1

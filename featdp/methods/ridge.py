@@ -33,5 +33,7 @@ class Ridge(Method):
 
     def fit(self, data, noise_scale, releaser):
         gram, cross = stats.second_moments(data)
-        lam = self.lam if self.lam is not None else 1e-4 * data.num_examples * data.clip_norm**2 / data.feature_dim
+        # Per example, as the Gram matrix counts an example of V views (the average of their x xᵀ).
+        examples = data.num_examples / data.views
+        lam = self.lam if self.lam is not None else 1e-4 * examples * data.clip_norm**2 / data.feature_dim
         return np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
