@@ -31,9 +31,9 @@ class DPFC(Method):
     (featdp/methods/_trajectory.py) change no release's sensitivity or noise and do not enter `dp_event`.
 
     Defaults (data-independent): steps = 30 (benchmarks/dp_fc_steps.py, public proxies only: 30 steps beat
-    or tied 10 at every ε on Gaussian mixtures with nuisance directions from n = 2,000 to 60,000 and two
-    class spreads, and lost 2–7 points on scikit-learn's digits, whose classes a few preconditioned steps
-    already separate); r = cov_noise_ratio = 1/√steps for full batch (equal
+    10, or came within 0.3 points, at every ε on Gaussian mixtures with nuisance directions at n = 2,000 to
+    60,000 and three class spreads, and lost 1.7–7.4 points on scikit-learn's digits, whose classes a few
+    preconditioned steps already separate); r = cov_noise_ratio = 1/√steps for full batch (equal
     precision for the covariance and for all gradient steps together) and 1/(q√steps) with sampling
     (a subsampled Gaussian step costs roughly like σ/q); grad_clip = C; lam as in DP-LS, from the
     covariance noise; lr = 1, one full covariance-preconditioned step: longer steps amplify the gradient
