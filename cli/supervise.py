@@ -16,7 +16,9 @@ The contract:
   stdin and stdout are the supervisor's own (a terminal keeps its progress bars); its stderr passes
   through the supervisor, line by line, unchanged, except that
     - an absl log line (`I…`, `W…`, `E…`) and the lines after it (its own continuation lines) are held
-      for `HOLD_S` seconds, so that the ones that open a fatal report can be taken out of it;
+      for `HOLD_S` seconds, so that the ones that open a fatal report can be taken out of it (times are
+      when the supervisor read the lines from the pipe: the lines held that long when the next one was
+      read are written before it is looked at, however late the supervisor gets to it);
     - an `error:` line (the last thing the CLI prints) and all after it are held until the child ends;
     - from JAX's fatal line on, everything goes to a report file instead (`tempfile`, named in the
       message).
@@ -126,10 +128,10 @@ def _watch_parent(parent: int) -> None:
 
 
 def run(command: list[str], *, coordinator: str, process_id: int, num_processes: int,
-        stderr_fd: int = 2, env: dict[str, str] | None = None) -> Outcome:
+        stderr_fd: int = 2, env: dict[str, str] | None = None, hold_s: float = HOLD_S) -> Outcome:
     """Runs `command` as the supervised child of this process (module docstring) and waits for it; its
     stderr goes to `stderr_fd` (the raw descriptor: a rich display in this process may have replaced
-    `sys.stderr`)."""
+    `sys.stderr`); absl log lines are held for `hold_s` seconds."""
     import subprocess
 
     for stream in (sys.stdout, sys.stderr):
@@ -147,22 +149,29 @@ def run(command: list[str], *, coordinator: str, process_id: int, num_processes:
         finally:
             os.close(writing)
         forwarding.to(child)
-        sieve = _Sieve(stderr_fd)
+        sieve = _Sieve(stderr_fd, hold_s)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=_read_lines, args=(reading, lines), daemon=True).start()
+        clock = threading.Lock()  # held by the reader from reading a line's time to queueing the line
+        threading.Thread(target=_read_lines, args=(reading, lines, clock), daemon=True).start()
         ended_at = None
         while True:
             try:
-                line = lines.get(timeout=0.1)
+                item = lines.get(timeout=0.1)
             except queue.Empty:
-                line = b""
-            if line is None:  # end of the child's stderr
+                item = ()
+            if item is None:  # end of the child's stderr
                 break
-            now = time.monotonic()
-            if line:
-                sieve.feed(line, now)
-            sieve.release(now)
+            if item:
+                read_at, line = item
+                sieve.feed(line, read_at)
+            else:
+                with clock:
+                    now = time.monotonic()
+                    idle = lines.empty()
+                if idle:  # every line read before `now` has been fed
+                    sieve.release(now)
             if child.poll() is not None:
+                now = time.monotonic()
                 ended_at = ended_at or now
                 if now - ended_at > DRAIN_S:
                     break
@@ -170,16 +179,21 @@ def run(command: list[str], *, coordinator: str, process_id: int, num_processes:
     return sieve.close(returncode, coordinator, process_id, num_processes)
 
 
-def _read_lines(fd: int, lines: queue.Queue) -> None:
-    """Puts each line read from `fd` on `lines` (the last one may lack its newline), then None."""
+def _read_lines(fd: int, lines: queue.Queue, clock: threading.Lock) -> None:
+    """Puts each line read from `fd` on `lines` as (the `time.monotonic()` it was read at, the line; the
+    last one may lack its newline), then None. `clock` is held from reading the time to queueing the lines,
+    so that a time read under it with `lines` empty comes after every line queued with an earlier one."""
     pending = b""
     with contextlib.suppress(OSError):
         while chunk := os.read(fd, 1 << 16):
-            *complete, pending = (pending + chunk).split(b"\n")
-            for line in complete:
-                lines.put(line + b"\n")
+            with clock:
+                read_at = time.monotonic()
+                *complete, pending = (pending + chunk).split(b"\n")
+                for line in complete:
+                    lines.put((read_at, line + b"\n"))
     if pending:
-        lines.put(pending)
+        with clock:
+            lines.put((time.monotonic(), pending))
     lines.put(None)
     os.close(fd)
 
@@ -189,14 +203,18 @@ class _Sieve:
     them, such as their own continuation lines; `error:` lines and all after them), or kept for the report
     (from JAX's fatal line on)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, hold_s: float = HOLD_S):
         self._fd = fd
-        self._held: list[tuple[float, bytes]] = []  # from an absl line on, each with its arrival time
+        self._hold_s = hold_s
+        self._held: list[tuple[float, bytes]] = []  # from an absl line on, each with the time it was read
         self._tail: list[bytes] = []  # from the first `error:` line on: held until the child has ended
         self._report: list[bytes] | None = None  # JAX's fatal report, once its line has come
         self._fatal = b""
 
     def feed(self, line: bytes, now: float) -> None:
+        """Takes `line`, read at `now`, after writing the lines held for `hold_s` by then (no fatal line
+        came within that time)."""
+        self.release(now)
         if self._report is not None:
             self._report.append(line)
         elif _JAX_FATAL.match(line):
@@ -212,8 +230,9 @@ class _Sieve:
             self._write(line)
 
     def release(self, now: float) -> None:
-        """Writes the lines held for `HOLD_S` (no fatal report followed them)."""
-        while self._held and now - self._held[0][0] >= HOLD_S:
+        """Writes the lines held for `hold_s` by `now`: the caller has fed every line read before `now`, so
+        no fatal report followed them in that time."""
+        while self._held and now - self._held[0][0] >= self._hold_s:
             self._write(self._held.pop(0)[1])
 
     def close(self, returncode: int, coordinator: str, process_id: int, num_processes: int) -> Outcome:

@@ -2,7 +2,8 @@
 distributed fit, and the bad inputs of a process group.
 
 The multi-process tests start 2–3 Python processes on localhost, joined through a free port (gloo CPU
-collectives); each keeps its data tiny, so the whole file runs in about a minute on two cores.
+collectives); each keeps its data tiny, so the whole file runs in a few minutes on two cores (about four
+on a busy 2-core machine, half of that in the four tests that extract with several processes).
 """
 
 from __future__ import annotations
@@ -248,6 +249,19 @@ def test_a_3_process_extraction_has_the_content_of_a_1_process_one(images, tmp_p
             np.testing.assert_array_equal(a, b)
 
 
+def _kill_in_the_middle_of_train(process) -> int:
+    """Reads `process`'s progress lines ("[0:01] train 40/225 (…)") and SIGKILLs it at the first one with
+    0 < done < total, in the middle of its train rows; returns its number of train rows (total)."""
+    for line in process.stdout:
+        words = line.split()
+        if len(words) >= 3 and words[1] == "train" and "/" in words[2]:
+            done, total = map(int, words[2].split("/"))
+            if 0 < done < total:
+                process.send_signal(signal.SIGKILL)
+                return total
+    raise AssertionError(f"no progress line before the end (exit code {process.wait()})")
+
+
 def test_a_killed_process_stops_the_others_with_a_message_and_the_extraction_resumes(tmp_path):
     images = make_folder(tmp_path / "data", per_class=(150, 2))
     out = tmp_path / "many.h5"
@@ -255,16 +269,9 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_extraction_res
     commands = [_extract(images, out, "--batch-size", "2", *group_flags(port, 2, i)) for i in range(2)]
     survivor = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     victim = subprocess.Popen(commands[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    total = None
-    for line in victim.stdout:  # "[0:01] train 40/225 (…)": kill it in the middle of its train rows
-        words = line.split()
-        if len(words) >= 3 and words[1] == "train" and "/" in words[2]:
-            done, total = map(int, words[2].split("/"))
-            if 0 < done < total:
-                victim.send_signal(signal.SIGKILL)
-                break
+    total = _kill_in_the_middle_of_train(victim)
     victim.wait(timeout=TIMEOUT)
-    assert total is not None and victim.returncode == -signal.SIGKILL
+    assert victim.returncode == -signal.SIGKILL
     out_text, err = survivor.communicate(timeout=TIMEOUT)
     assert survivor.returncode == 2, (out_text, err)
     message = [line for line in _quiet(err).splitlines() if line.startswith("error:")]
@@ -284,19 +291,6 @@ def test_a_killed_process_stops_the_others_with_a_message_and_the_extraction_res
     for name in one:
         for a, b in zip(one[name], many[name]):
             np.testing.assert_array_equal(a, b)
-
-
-def _kill_in_the_middle_of_train(process) -> int:
-    """Reads `process`'s progress lines ("[0:01] train 40/225 (…)") and SIGKILLs it halfway through its train
-    rows; returns its number of train rows."""
-    for line in process.stdout:
-        words = line.split()
-        if len(words) >= 3 and words[1] == "train" and "/" in words[2]:
-            done, total = map(int, words[2].split("/"))
-            if 0 < done < total:
-                process.send_signal(signal.SIGKILL)
-                return total
-    raise AssertionError(f"no progress line before the end (exit code {process.wait()})")
 
 
 def _fatal_log_lines(stderr: str) -> list[str]:
@@ -532,33 +526,50 @@ NORMAL = ("[Gloo] Rank 1 is connected to 1 peer ranks\n"
           "  its second line\n")
 
 
-def _fake_child(stderr: str | list[str], end: str, gap: float = 0.0) -> list[str]:
-    """A child that writes `stderr` (its pieces `gap` seconds apart) and then ends with `end` (Python code)."""
+def _fake_child(stderr: str | list[str], end: str, sink: pathlib.Path | None = None) -> list[str]:
+    """A child that writes `stderr` (each of its pieces at once) and then ends with `end` (Python code); with
+    `sink`, it writes each piece only once all it wrote before has come through the supervisor into `sink`
+    (or a minute has passed)."""
     pieces = [stderr] if isinstance(stderr, str) else stderr
-    code = (f"import os, sys, time\nsys.stdout.write('out\\n'); sys.stdout.flush()\nfor piece in {pieces!r}:\n"
-            f"    sys.stderr.write(piece); sys.stderr.flush(); time.sleep({gap})\n{end}\n")
+    code = textwrap.dedent(f"""
+        import os, pathlib, sys, time
+        sys.stdout.write('out\\n'); sys.stdout.flush()
+        sink, written = {str(sink or '')!r}, ''
+        for piece in {pieces!r}:
+            deadline = time.monotonic() + 60
+            while sink and pathlib.Path(sink).read_text() != written and time.monotonic() < deadline:
+                time.sleep(0.01)
+            sys.stderr.write(piece); sys.stderr.flush()
+            written += piece
+        {end}
+    """)
     return [sys.executable, "-c", code]
 
 
-def _supervise(tmp_path, stderr: str | list[str], end: str, process_id: int = 1, gap: float = 0.0):
+def _supervise(tmp_path, stderr: str | list[str], end: str, process_id: int = 1, in_turn: bool = False,
+               **options):
+    """Runs `_fake_child` under the supervisor (with `in_turn`, each piece of `stderr` after the ones before
+    it have come through); returns the outcome and what came through."""
     from featdp_cli import supervise
 
     path = tmp_path / f"stderr-{time.monotonic_ns()}"
     with open(path, "wb") as sink:
-        outcome = supervise.run(_fake_child(stderr, end, gap), coordinator="host-a:1234", process_id=process_id,
-                                num_processes=2, stderr_fd=sink.fileno())
+        outcome = supervise.run(_fake_child(stderr, end, path if in_turn else None), coordinator="host-a:1234",
+                                process_id=process_id, num_processes=2, stderr_fd=sink.fileno(), **options)
     return outcome, path.read_text()
 
 
-def test_a_child_ended_by_jax_for_an_unreachable_coordinator_is_one_line_naming_process_0(tmp_path):
-    """The log lines just before JAX's fatal line (its "Polled an error") and the child's own error line
-    (a broken collective seen first) go to the report with it; earlier lines pass."""
-    from featdp_cli import supervise
+HELD = "error: process 1 of 2 lost contact with the other processes (gloo): ...\n"
+LATE = "W1130 03:11:03.000000    7838 preemption_sync_manager.cc:147] Failed: UNAVAILABLE\n  more\n"
 
-    held = "error: process 1 of 2 lost contact with the other processes (gloo): ...\n"
-    late = "W1130 03:11:03.000000    7838 preemption_sync_manager.cc:147] Failed: UNAVAILABLE\n  more\n"
+
+def test_a_child_ended_by_jax_for_an_unreachable_coordinator_is_one_line_naming_process_0(tmp_path):
+    """The log lines just before JAX's fatal line (its "Polled an error", written with it) and the child's
+    own error line (a broken collective seen first) go to the report with it; the lines that came through
+    before pass (the child writes the rest once they have: no wall-clock margin)."""
+    held, late = HELD, LATE
     outcome, stderr = _supervise(tmp_path, [NORMAL, held + late + JAX_FATAL.format(status=UNAVAILABLE)],
-                                 "os.abort()", gap=supervise.HOLD_S + 0.5)
+                                 "os.abort()", in_turn=True, hold_s=0.2)
     assert outcome.returncode == -signal.SIGABRT
     assert outcome.message == (
         "process 0 (the coordinator at host-a:1234) stopped responding (UNAVAILABLE: Failed to send RPC to "
@@ -567,6 +578,39 @@ def test_a_child_ended_by_jax_for_an_unreachable_coordinator_is_one_line_naming_
     assert stderr == NORMAL  # the lines before the fatal report pass; it and the child's own error line do not
     report = pathlib.Path(outcome.report).read_text()
     assert report == held + late + JAX_FATAL.format(status=UNAVAILABLE)
+    pathlib.Path(outcome.report).unlink()
+
+
+@pytest.mark.parametrize("fatal_after, idle_at, held_back", [
+    (0.2, None, True),
+    (0.999, 0.5, True),  # the idle supervisor's release at 0.5 finds nothing held long enough
+    (1.0, None, False),
+    (1.5, None, False),  # a supervisor that stalled: the lines come late, the fatal one's time releases first
+    (1.5, 1.2, False),  # released while idle
+    (60.0, None, False),
+])
+def test_absl_lines_are_held_for_the_hold_time_from_when_they_were_read(tmp_path, fatal_after, idle_at, held_back):
+    """The sieve driven with explicit read times, so that no scheduling delay can change what it does: the
+    absl lines (NORMAL's warning and its second line) read less than `hold_s` before JAX's fatal report go
+    into it; read `hold_s` or more before, they pass, whether or not the supervisor released them while
+    it waited."""
+    from featdp_cli import supervise
+
+    rest = HELD + LATE + JAX_FATAL.format(status=UNAVAILABLE)
+    path = tmp_path / "stderr"
+    with open(path, "wb") as sink:
+        sieve = supervise._Sieve(sink.fileno(), hold_s=1.0)
+        for line in NORMAL.splitlines(keepends=True):
+            sieve.feed(line.encode(), 100.0)
+        if idle_at is not None:
+            sieve.release(100.0 + idle_at)
+        for line in rest.splitlines(keepends=True):
+            sieve.feed(line.encode(), 100.0 + fatal_after)
+        outcome = sieve.close(-signal.SIGABRT, "host-a:1234", 1, 2)
+    warning = NORMAL.split("\n", 1)[1]
+    assert path.read_text() == (NORMAL.removesuffix(warning) if held_back else NORMAL)
+    assert outcome.message.startswith("process 0 (the coordinator at host-a:1234) stopped responding"), outcome
+    assert pathlib.Path(outcome.report).read_text() == (warning if held_back else "") + rest
     pathlib.Path(outcome.report).unlink()
 
 
