@@ -51,7 +51,7 @@ def test_a_private_fit_reports_its_phases_its_statistics_pass_and_every_step():
     assert phases == [(0, "reading the train split"), (1, "releasing the example count"),
                       (2, "calibrating the noise"), (3, "training"), (4, "")]
     assert _counts(updates, "statistics pass") == [(0, None), (1, 1)]
-    assert _counts(updates, "dp-fc gradient steps") == [(step, 10) for step in range(11)]
+    assert _counts(updates, "dp-fc gradient steps") == [(step, 30) for step in range(31)]
     assert all(u.total == 4 for u in updates if u.task == "fit dp-fc")
 
 
