@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import time
@@ -29,7 +30,8 @@ from featdp.featurefile import FeatureFile, FeatureFileError
 
 def extracted(workdir: pathlib.Path, views: int, shift: int | None = None, flip: bool = True
               ) -> tuple[pathlib.Path, float]:
-    """(the V-view feature file, the seconds its extraction took), extracting it unless it is complete."""
+    """(the V-view feature file, the seconds its extraction took), extracting it unless it is complete; the
+    seconds are NaN (not measured) when this call only finished an extraction an earlier run had begun."""
     from featdp.extraction.extract import ExtractConfig, extract
 
     variant = ("" if shift is None or views == 1 else f"_shift{shift}") + ("" if flip or views == 1 else "_noflip")
@@ -42,10 +44,11 @@ def extracted(workdir: pathlib.Path, views: int, shift: int | None = None, flip:
             return path, float(json.loads(timing.read_text())["seconds"])
     except (FeatureFileError, OSError):
         pass
+    fresh = not path.exists()
     started = time.perf_counter()
     extract(ExtractConfig(backbone="scatternet", dataset="fashion_mnist", out=path, views=views,
                           augment_shift=shift, augment_flip=flip))
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started if fresh else float("nan")
     timing.write_text(json.dumps({"seconds": seconds}))
     return path, seconds
 
@@ -103,7 +106,8 @@ def main() -> None:
     ]
     for (views, kind, method), by_epsilon in cells.items():
         values = " | ".join(f"{statistics.median(by_epsilon[e]):.1f}" if e in by_epsilon else "—" for e in epsilons)
-        lines.append(f"| {views} | {extraction[views]:.0f} | {kind} | {method} | {values} | "
+        seconds_cell = "not measured" if math.isnan(extraction[views]) else f"{extraction[views]:.0f}"
+        lines.append(f"| {views} | {seconds_cell} | {kind} | {method} | {values} | "
                      f"{statistics.median(seconds[(views, kind, method)]):.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
