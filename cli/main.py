@@ -248,6 +248,9 @@ def _print_summary(job) -> None:
     report = job.report
     table = Table(show_header=False, box=None)
     table.add_row("method", report["method"])
+    changed = _changed_hyperparameters(report["method"], report["hyperparameters"])
+    if changed:
+        table.add_row("hyperparameters", changed)
     if report["private"]:
         _add_privacy_rows(table, report)
         table.add_row("sampler", f"{report['sampler']['name']}; ε slack {report['sampler']['epsilon_slack']:.1e}")
@@ -255,6 +258,17 @@ def _print_summary(job) -> None:
         table.add_row("privacy", "[red]none: non-private reference[/]")
     _add_outcome_rows(table, job, "fit time", report["fit_seconds"])
     console.print(table)
+
+
+def _changed_hyperparameters(name: str, hyperparameters: dict) -> str:
+    """The hyperparameters that ran and differ from the method's defaults (what `--set` or a recipe chose)."""
+    import dataclasses
+
+    from featdp.methods import registry
+
+    defaults = {f.name: f.default for f in dataclasses.fields(registry()[name])}
+    return ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in hyperparameters.items() if key in defaults and value != defaults[key])
 
 
 def _add_privacy_rows(table, report) -> None:
@@ -512,7 +526,8 @@ def demo(
     except _user_errors() as error:
         _fail(str(error))
     console.print(table)
-    _say(f"dp-sgd's default is one full-batch step (a noisy class-mean classifier); the recipe row is "
+    _say(f"dp-sgd's default is one full-batch step (a noisy class-mean classifier); recipe=auto is "
+         f"`featdp fit --method dp-sgd --set recipe=auto` (its epochs follow ñ·ε); the Tramèr–Boneh row is "
          f"`{job.recipe_command()}` ({job.recipe['steps']} Poisson-sampled steps).")
     if job.published:
         _say(f"published: {job.published}")

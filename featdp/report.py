@@ -106,7 +106,9 @@ def _public_inputs(result: FitResult) -> dict[str, str]:
                         f"epsilon {result.count.epsilon:.4g}, delta {result.count.delta:.3g}); every use of n "
                         "(sampling rate, means, ridge floors, default delta) uses the released count",
         "classes": "public: the class set is the dataset's declared label set, not read from the private labels",
-        "hyperparameters": "public: fixed before the fit (selection on private data needs `featdp tune`)",
+        "hyperparameters": "public: fixed before the fit, or (dp-sgd recipe=auto) chosen from the released "
+                           "count, the method's epsilon and feature_dim only; selection on private data needs "
+                           "`featdp tune`",
         "feature_dim": "public: the backbone's output dimension",
     }
 

@@ -759,7 +759,9 @@ def select(
     public_validation_size = VALIDATION_FRACTION * count.value
 
     # 2. Candidates, and the coordinates each fit draws (public: shapes depend on d, K and the candidate).
-    candidates = build_candidates(methods, grid, public_fit_size)
+    # A candidate whose hyperparameters follow the budget sees the fit part's public size and the target ε.
+    candidates = [m.for_budget(public_fit_size, target.epsilon - count.epsilon, train.feature_dim, train.num_classes)
+                  for m in build_candidates(methods, grid, public_fit_size)]
     dry_runs = StatisticsCache(statistics=False)
     coordinates = [release_coordinates(m, train.feature_dim, train.num_classes, public_fit_size, dry_runs) + 1
                    for m in candidates]  # + 1: the score

@@ -196,6 +196,8 @@ def fit(
         )
     method_epsilon = (target.epsilon - count.epsilon) * (1 - SAMPLER_RESERVE)
     method_delta = (target.delta - count.delta) * (1 - SAMPLER_RESERVE)
+    # Hyperparameters chosen from the budget see only public values: ñ, the method's ε, d and K.
+    method = method.for_budget(count.value, method_epsilon, train.feature_dim, train.num_classes)
     progress.report(task, 2, phases, "calibrating the noise")
     calibration = accounting.calibrate(
         lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant

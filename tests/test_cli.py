@@ -202,12 +202,12 @@ def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
     for name in method_names(private=True):
         assert name in rows and len(rows[name].split("│")) == 6, result.output  # method, 2 ε, seconds
-    assert "dp-sgd (Tramèr–Boneh recipe)" in rows and "logreg (non-private)" in rows
+    assert {"dp-sgd (Tramèr–Boneh recipe)", "dp-sgd (recipe=auto)", "logreg (non-private)"} <= set(rows)
     # Each row is printed as soon as its fits are done, before the table that gathers them.
     lines = result.output.splitlines()
     table_starts = next(i for i, line in enumerate(lines) if "Fashion-MNIST test top-1" in line)
     early = [line.split()[0] for line in lines[:table_starts] if line.startswith("    ") and "fit " in line]
-    assert early == [*method_names(private=True), "dp-sgd", "logreg", "ridge"], result.output
+    assert early == [*method_names(private=True), "dp-sgd", "dp-sgd", "logreg", "ridge"], result.output
     # The recipe's command is one line, pasteable as it is.
     assert any("`featdp fit --method dp-sgd --set clip_norm=63 --set steps=293 --set batch_size=5 --set "
                "grad_clip=0.1 --set lr=16 --set momentum=0.9`" in line for line in lines), result.output

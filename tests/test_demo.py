@@ -35,9 +35,12 @@ def test_rows_arrive_one_method_at_a_time_with_every_head_written(tmp_path, monk
         rest = list(rows)
     private = method_names(private=True)
     assert [row.label for row in (first, *rest)] == [
-        *private, "dp-sgd (Tramèr–Boneh recipe)", *(f"{name} (non-private)" for name in method_names(private=False))]
+        *private, "dp-sgd (recipe=auto)", "dp-sgd (Tramèr–Boneh recipe)",
+        *(f"{name} (non-private)" for name in method_names(private=False))]
     assert [len(row.accuracies) for row in rest[-2:]] == [1, 1] and not rest[-1].private
-    assert len(fitted) == 2 * (len(private) + 1) + 2 == len({*fitted})
+    assert len(fitted) == 2 * (len(private) + 2) + 2 == len({*fitted})
+    auto = json.loads((tmp_path / "dp-sgd-auto_eps1" / "privacy_report.json").read_text())
+    assert auto["hyperparameters"]["recipe"] == "manual" and auto["hyperparameters"]["steps"] > 1
     recipe = json.loads((tmp_path / "dp-sgd-recipe_eps3" / "privacy_report.json").read_text())
     assert recipe["hyperparameters"]["batch_size"] == demo.recipe["batch_size"] == round(40 * 8192 / 60000)
     demo_fits = [(u.done, u.total) for u in updates if u.task == "demo fits"]

@@ -19,7 +19,7 @@ import numpy as np
 from jax_privacy import auditing
 
 from featdp import accounting, progress
-from featdp.audit.design import AuditData, claimed_noise_scale
+from featdp.audit.design import AuditData, at_budget, claimed_noise_scale
 from featdp.audit.recording import Recorder, replay_contributions
 from featdp.audit.scores import head_margins, release_scores
 from featdp.mechanism import Releaser, ReleaserInterface, RootKey, make_key
@@ -90,6 +90,7 @@ def canary_audit(
     `releaser` makes the releaser of each fit from its key; tests pass deliberately broken ones.
     """
     check_audit_arguments(epsilon, delta, trials, accountant, confidence, score)
+    method = at_budget(method, epsilon, data, 1)
     start = time.perf_counter()
     worlds, alone, scales = {}, {}, {}
     for included in (False, True):

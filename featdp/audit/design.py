@@ -80,6 +80,12 @@ def _data(method: Method, features, labels, num_classes, public_count: int) -> T
                         public_num_examples=public_count)
 
 
+def at_budget(method: Method, epsilon: float, data: AuditData, canaries: int) -> Method:
+    """The method as a fit at the audited budget runs it (`Method.for_budget`: hyperparameters that follow
+    the budget are chosen from the public n, ε, d and K, here the audit data's)."""
+    return method.for_budget(data.num_examples, epsilon, data.base_dim + canaries, data.num_classes)
+
+
 def claimed_noise_scale(method: Method, epsilon: float, delta: float, num_examples: int,
                         accountant: str = "pld") -> float:
     """The noise scale `featdp fit` would use for `method` at the claimed (ε, δ) on n examples."""

@@ -17,7 +17,7 @@ import numpy as np
 from jax_privacy import auditing
 
 from featdp.audit.canary import AuditResult, check_audit_arguments
-from featdp.audit.design import AuditData, claimed_noise_scale
+from featdp.audit.design import AuditData, at_budget, claimed_noise_scale
 from featdp.audit.recording import Recorder, replay_contributions
 from featdp.audit.scores import head_margins, release_scores
 from featdp.mechanism import Releaser, ReleaserInterface, RootKey, make_key
@@ -39,6 +39,7 @@ def one_run_audit(
 ) -> AuditResult:
     """Audits `method` at the claimed (ε, δ) with `canaries` canaries in one fit."""
     check_audit_arguments(epsilon, delta, canaries, accountant, confidence, score)
+    method = at_budget(method, epsilon, data, canaries)
     start = time.perf_counter()
     # At least as many other examples as canaries, so the canaries-alone replay fits the same n.
     data = dataclasses.replace(data, num_examples=max(data.num_examples, canaries))

@@ -27,7 +27,7 @@ import scipy.stats
 
 from featdp import accounting, progress
 from featdp.audit.canary import check_audit_arguments
-from featdp.audit.design import AuditData, claimed_noise_scale
+from featdp.audit.design import AuditData, at_budget, claimed_noise_scale
 from featdp.audit.recording import Recorder, independent_entries
 from featdp.mechanism import Release, Releaser, ReleaserInterface, RootKey, make_key
 from featdp.methods import Method
@@ -77,6 +77,7 @@ def white_box_audit(
 ) -> WhiteBoxResult:
     """Runs `trials` fits at the claimed (ε, δ) and checks every release's noise (module docstring)."""
     check_audit_arguments(epsilon, delta, trials, accountant)
+    method = at_budget(method, epsilon, data, 1)
     if not 0 < significance < 1:
         raise accounting.PrivacyParameterError(f"significance must lie in (0, 1), got {significance!r}")
     start = time.perf_counter()

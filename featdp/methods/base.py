@@ -49,6 +49,12 @@ class Method:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.clip_norm, self.normalize)
 
+    def for_budget(self, num_examples: float, epsilon: float, feature_dim: int, num_classes: int) -> "Method":
+        """The method a fit at this budget runs: `self`, unless a hyperparameter is chosen from the budget.
+        Every argument is public: `num_examples` the released count, `epsilon` the method's share of the
+        target, d and K the file's shapes. Fits, selections and audits call it before `dp_event`."""
+        return self
+
     def dp_event(self, noise_scale: float, num_examples: int) -> events.DpEvent:
         raise NotImplementedError
 

@@ -1,0 +1,96 @@
+"""dp-sgd's recipe=auto: hyperparameters chosen from the public budget (ñ, ε, d) before anything is
+accounted, the same way in a fit, a selection and an audit; refused beside the fields it chooses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import invoke, write_feature_file
+from featdp import selection
+from featdp.audit import white_box_audit
+from featdp.methods import HyperparameterError, get_method
+from featdp.methods.dp_sgd import AUTO_EPOCHS, AUTO_FIELDS, auto_recipe
+from featdp.training import SAMPLER_RESERVE, fit
+
+
+@pytest.mark.parametrize("field", AUTO_FIELDS)
+def test_auto_refuses_a_field_it_chooses(field):
+    value = {"optimizer": "adam", "schedule": "cosine", "momentum": 0.5}.get(field, 3)
+    with pytest.raises(HyperparameterError, match=f"recipe=auto chooses {field}"):
+        get_method("dp-sgd", recipe="auto", **{field: value})
+
+
+def test_auto_keeps_the_fields_it_does_not_choose():
+    method = get_method("dp-sgd", recipe="auto", average="ema", normalize="clip")
+    resolved = method.for_budget(1000.0, 2.0, 16, 3)
+    assert resolved.average == "ema" and resolved.normalize == "clip" and resolved.recipe == "manual"
+
+
+def test_an_unresolved_auto_recipe_is_never_accounted():
+    with pytest.raises(ValueError, match="for_budget"):
+        get_method("dp-sgd", recipe="auto").dp_event(1.0, 1000)
+
+
+def test_the_recipe_is_a_function_of_the_budget_alone():
+    bands = [0.0] + [below for below, _, _ in AUTO_EPOCHS[:-1]]
+    steps = []
+    for low in bands:
+        budget = low + 1.0
+        one, other = auto_recipe(budget, 1.0, 64), auto_recipe(budget / 4, 4.0, 64)
+        assert {k: v for k, v in one.items() if k != "batch_size"} == {
+            k: v for k, v in other.items() if k != "batch_size"}
+        steps.append(one["steps"])
+    assert steps == sorted(steps) and len(set(steps)) > 1  # more epochs as the budget grows
+    recipe = auto_recipe(60000, 3.0, 3969)
+    assert recipe["clip_norm"] == 63.0 and recipe["batch_size"] == 8192 and recipe["grad_clip"] == 0.1
+
+
+def test_a_fit_runs_the_recipe_of_its_released_count_and_epsilon(blobs):
+    result = fit(blobs, "dp-sgd", epsilon=2.0, delta=1e-5, seed=0, hyperparameters={"recipe": "auto"})
+    method_epsilon = (result.target.epsilon - result.count.epsilon) * (1 - SAMPLER_RESERVE)
+    expected = auto_recipe(result.count.value, method_epsilon, blobs.feature_dim)
+    assert result.method.recipe == "manual"
+    assert {k: getattr(result.method, k) for k in expected} == expected
+    assert result.calibration.event == result.method.dp_event(result.calibration.noise_scale, result.count.value)
+    gradient_steps = [r for r in result.releases if r.name == "gradient_sum"]
+    assert len(gradient_steps) == expected["steps"]
+    assert result.privacy.epsilon <= 2.0
+
+
+def test_a_selection_resolves_auto_candidates_from_its_fit_part(blobs):
+    result = selection.select(blobs, "dp-sgd", epsilon=4.0, delta=1e-5, seed=1, mean_runs=2,
+                              grid={"recipe": ["auto"]})
+    (candidate,) = result.candidates
+    expected = auto_recipe(result.public_fit_size, 4.0 - result.count.epsilon, blobs.feature_dim)
+    assert candidate.recipe == "manual" and {k: getattr(candidate, k) for k in expected} == expected
+    assert result.privacy.epsilon <= 4.0
+
+
+def test_an_audit_checks_the_resolved_recipe():
+    result = white_box_audit(get_method("dp-sgd", recipe="auto"), 4.0, trials=20, seed=0)
+    assert result.passed, result
+
+
+def test_cli_fit_reports_the_hyperparameters_that_ran(tmp_path):
+    features = write_feature_file(tmp_path / "features.h5")
+    out = tmp_path / "head"
+    result = invoke("fit", features, "--method", "dp-sgd", "--set", "recipe=auto", "--eps", "2", "--seed", "1",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "privacy_report.json").read_text())
+    hyperparameters = report["hyperparameters"]
+    assert hyperparameters["recipe"] == "manual" and hyperparameters["steps"] > 1
+    assert math.isclose(hyperparameters["clip_norm"], math.sqrt(8))
+
+
+def test_cli_refuses_auto_beside_a_field_it_chooses(tmp_path):
+    features = write_feature_file(tmp_path / "features.h5")
+    out = tmp_path / "head"
+    result = invoke("fit", features, "--method", "dp-sgd", "--set", "recipe=auto", "--set", "steps=5", "--eps", "2",
+                    "--out", out)
+    assert result.exit_code == 2
+    assert "error:" in result.output and "recipe=auto chooses steps" in result.output
+    assert "Traceback" not in result.output and not out.exists()
