@@ -544,6 +544,7 @@ def bench(
     references: bool = typer.Option(True, "--references/--no-references", help="Also run the non-private references (ridge, logreg) when --methods does not name them."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Also report oracle rows: hyperparameters chosen on held-out train data, NOT private."),
     private_tune: bool = typer.Option(True, "--private-tune/--no-private-tune", help="Also report private-tuned rows: hyperparameters chosen by `featdp tune`'s random stopping within the same ε."),
+    auto: bool = typer.Option(True, "--auto/--no-auto", help="Also report recipe=auto rows for methods that have it (dp-sgd): hyperparameters chosen from the released count and ε only, private end to end."),
     mean_runs: Optional[float] = typer.Option(None, "--mean-runs", help="Mean number of runs R of the private selection; default: each method's grid size."),
     peers: str = typer.Option("", "--peers", help="Comma-separated peers: opacus-dpsgd, diffprivlib-logreg, sklearn-logreg."),
     peer_eps: Optional[str] = typer.Option(None, "--peer-eps", help="ε for the private peers; default: --eps."),
@@ -563,7 +564,8 @@ def bench(
         [f"featdp bench {features} --eps {eps} --delta {delta:g} --seeds {seeds}"]
         + ([f"--methods {methods}"] if methods else []) + ([] if references else ["--no-references"])
         + ([] if tune else ["--no-tune"])
-        + ([] if private_tune else ["--no-private-tune"]) + ([f"--mean-runs {mean_runs:g}"] if mean_runs is not None else [])
+        + ([] if private_tune else ["--no-private-tune"]) + ([] if auto else ["--no-auto"])
+        + ([f"--mean-runs {mean_runs:g}"] if mean_runs is not None else [])
         + ([f"--peers {peers}"] if peers else []) + ([f"--peer-eps {peer_eps}"] if peer_eps else [])
         + ([f"--peer-seeds {peer_seeds}"] if peer_seeds else [])
         + ([f"--accountant {accountant.value}"] if accountant.value != "pld" else [])
@@ -577,7 +579,8 @@ def bench(
         _fail(f"--eps and --peer-eps expect comma-separated numbers, got {eps!r} / {peer_eps!r}")
     try:
         config = BenchConfig(
-            epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, private_tune=private_tune, mean_runs=mean_runs,
+            epsilons=epsilons, delta=delta, seeds=seeds, tune=tune, private_tune=private_tune, auto=auto,
+            mean_runs=mean_runs,
             accountant=accountant.value, methods=tuple(methods.split(",")) if methods else None,
             references=references, peers=tuple(p for p in peers.split(",") if p), peer_epsilons=peer_epsilons,
             peer_seeds=peer_seeds,

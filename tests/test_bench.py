@@ -1,5 +1,5 @@
 """`featdp bench`: the grid of rows, oracle selection on held-out rows, private selection within the budget,
-the report files, and bad input."""
+recipe=auto rows, the report files, and bad input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from conftest import make_blobs
 from featdp.bench import report, tuning
 from featdp.accounting import PrivacyParameterError
-from featdp.bench.runner import BenchConfig, BenchError, BenchRow, private_tuning_seed, run_bench
+from featdp.bench.runner import (
+    BenchConfig, BenchError, BenchRow, has_auto_recipe, planned_rows, private_tuning_seed, run_bench,
+)
 from featdp.cache import StatisticsCache
 from featdp.data import ArraySource, Preprocessing, TrainingData
 from featdp.featurefile import write_features
@@ -114,12 +116,12 @@ def test_report_files(bench_result, tmp_path):
         assert f"| {kind} | {method} |" in text
     assert "| tuned |" not in text and "| oracle |" not in text  # the markdown never calls oracle rows "tuned"
     assert "**oracle selection (not private)**" in text and "RepeatAndSelectDpEvent" in text
-    # Each method's rows side by side: default, private-tuned, oracle.
+    # Each method's rows side by side: default, auto, private-tuned, oracle.
     table = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if "| dp-sgd |" in line]
-    assert table == ["default", "private-tuned", "oracle selection (not private)"]
+    assert table == ["default", "recipe=auto (epochs from ñ·ε)", "private-tuned", "oracle selection (not private)"]
     records = list(csv.DictReader(io.StringIO((tmp_path / "blobs.csv").read_text())))
     assert len(records) == len(bench_result.rows)
-    assert {r["kind"] for r in records} == {"default", "private-tuned", "oracle", "non-private"}
+    assert {r["kind"] for r in records} == {"default", "auto", "private-tuned", "oracle", "non-private"}
     assert json.loads((tmp_path / "blobs.json").read_text())["num_train"] == 500
     assert (tmp_path / "blobs.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.partial*"))
@@ -288,16 +290,17 @@ def test_a_budget_too_small_to_tune_is_reported_not_fatal(splits):
 
 def test_old_json_tuned_rows_read_back_as_oracle(bench_result):
     record = json.loads(report.to_json(bench_result, "cmd"))
-    del record["config"]["private_tune"], record["config"]["mean_runs"]
+    del record["config"]["private_tune"], record["config"]["mean_runs"], record["config"]["auto"]
     record["rows"] = [{k: v for k, v in row.items() if k in ("kind", "method", "epsilon", "delta", "seed", "accuracy",
                                                           "fit_seconds", "hyperparameters", "noise_scale",
                                                           "validation_accuracy")}
                       | {"kind": "tuned" if row["kind"] == "oracle" else row["kind"]}
-                      for row in record["rows"] if row["kind"] != "private-tuned"]
+                      for row in record["rows"] if row["kind"] not in ("private-tuned", "auto")]
     old = report.from_json(json.dumps(record))
-    assert {r.kind for r in old.rows} == {"default", "oracle", "non-private"}
+    assert {r.kind for r in old.rows} == {"default", "oracle", "non-private"} and not old.config.auto
     text = report.markdown(old, "t", "cmd")
     assert "| oracle selection (not private) | dp-ls |" in text and "private-tuned" not in text
+    assert "recipe=auto" not in text
     assert isinstance(old.rows[0], BenchRow)
 
 
@@ -314,6 +317,75 @@ def test_cli_bench_private_tuning_options(tmp_path):
     bad = CliRunner().invoke(app, ["bench", str(path), "--eps", "4", "--seeds", "1", "--mean-runs", "0.5",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "mean number of runs" in bad.output and not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- auto rows
+
+
+def _auto(rows):
+    return [r for r in rows if r.kind == "auto"]
+
+
+def test_auto_rows_run_the_resolved_recipe_within_the_budget(splits, bench_result, tmp_path):
+    from featdp.methods import get_method
+    from featdp.training import fit
+
+    rows = _auto(bench_result.rows)
+    assert sorted((r.method, r.epsilon, r.seed) for r in rows) == [
+        ("dp-sgd", e, s) for e in (1.0, 8.0) for s in (0, 1)]  # dp-ls has no recipe: no auto rows
+    for row in rows:
+        assert row.hyperparameters["recipe"] == "manual" and row.hyperparameters["steps"] > 1
+        assert row.epsilon_spent <= row.epsilon and row.delta_spent <= row.delta == 1e-4 and row.noise_scale > 0
+        assert row.mean_runs is None and row.validation_accuracy is None
+    assert planned_rows(bench_result.config) == len(bench_result.rows)  # progress totals stay exact
+    # A row is `featdp fit --method dp-sgd --set recipe=auto --seed s`, and records what that fit ran.
+    train, test = splits
+    row = next(r for r in rows if (r.epsilon, r.seed) == (1.0, 1))
+    again = fit(train, get_method("dp-sgd", recipe="auto"), epsilon=1.0, delta=1e-4, seed=1)
+    assert again.accuracy(test) == row.accuracy and again.method.hyperparameters() == row.hyperparameters
+    text = report.markdown(bench_result, "t", "cmd")
+    assert "| recipe=auto (epochs from ñ·ε) | dp-sgd |" in text and "benchmarks/choose_epochs.py" in text
+    steps = row.hyperparameters["steps"]
+    assert f"* dp-sgd recipe=auto at ε = 1: {steps} steps, schedule {row.hyperparameters['schedule']}" in text
+    report.write_all(bench_result, tmp_path, "b", "b", "cmd")
+    records = [r for r in csv.DictReader(io.StringIO((tmp_path / "b.csv").read_text())) if r["kind"] == "auto"]
+    assert len(records) == 4 and all(json.loads(r["hyperparameters"])["recipe"] == "manual" for r in records)
+
+
+def test_auto_off_makes_no_auto_rows(splits):
+    config = BenchConfig(epsilons=(2.0,), delta=1e-4, seeds=1, methods=("dp-sgd",), tune=False,
+                         private_tune=False, references=False, auto=False)
+    result = run_bench(*splits, config)
+    assert [r.kind for r in result.rows] == ["default"] and planned_rows(config) == 1
+    assert "recipe=auto" not in report.markdown(result, "t", "cmd")
+
+
+def test_only_methods_with_a_recipe_field_get_auto_rows():
+    import dataclasses
+
+    for name, cls in registry().items():
+        assert has_auto_recipe(name) == ("recipe" in {f.name for f in dataclasses.fields(cls)})
+    others = tuple(n for n, cls in registry().items() if cls.private and not has_auto_recipe(n))
+    assert others and has_auto_recipe("dp-sgd")
+    with_auto = BenchConfig(epsilons=(1.0, 2.0), seeds=3, methods=others)
+    assert planned_rows(with_auto) == planned_rows(BenchConfig(epsilons=(1.0, 2.0), seeds=3, methods=others,
+                                                               auto=False))
+    with_sgd = BenchConfig(epsilons=(1.0, 2.0), seeds=3, methods=("dp-sgd",))
+    assert planned_rows(with_sgd) == planned_rows(BenchConfig(epsilons=(1.0, 2.0), seeds=3, methods=("dp-sgd",),
+                                                              auto=False)) + 2 * 3
+
+
+def test_cli_bench_auto_option(tmp_path):
+    path = _feature_file(tmp_path)
+    args = ["bench", str(path), "--eps", "4", "--seeds", "1", "--methods", "dp-sgd", "--no-references", "--no-tune",
+            "--no-private-tune"]
+    kinds = {}
+    for flag in ("--auto", "--no-auto"):
+        result = CliRunner().invoke(app, [*args, flag, "--out", str(tmp_path / flag)])
+        assert result.exit_code == 0, result.output
+        kinds[flag] = sorted(r["kind"] for r in json.loads((tmp_path / flag / "f.json").read_text())["rows"])
+    assert kinds == {"--auto": ["auto", "default"], "--no-auto": ["default"]}
+    assert "| recipe=auto (epochs from ñ·ε) | dp-sgd |" in (tmp_path / "--auto" / "f.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------- memory

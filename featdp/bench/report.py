@@ -12,10 +12,11 @@ from collections import defaultdict
 
 from featdp.bench.runner import BenchConfig, BenchResult, BenchRow
 
-KIND_ORDER = ("default", "private-tuned", "oracle", "peer", "non-private")
+KIND_ORDER = ("default", "auto", "private-tuned", "oracle", "peer", "non-private")
 # What the markdown and the plot call each kind; csv/json keep the machine names above.
 KIND_LABELS = {
     "default": "default",
+    "auto": "recipe=auto (epochs from ñ·ε)",
     "private-tuned": "private-tuned",
     "oracle": "oracle selection (not private)",
     "peer": "peer",
@@ -26,7 +27,7 @@ _OLD_KIND_NAMES = {"tuned": "oracle"}
 
 
 def _order(key: tuple[str, str]) -> tuple:
-    """featdp's private methods first, each with its default, private-tuned and oracle rows side by side;
+    """featdp's private methods first, each with its default, auto, private-tuned and oracle rows side by side;
     then peers, then the non-private references."""
     kind, method = key
     group = {"peer": 1, "non-private": 2}.get(kind, 0)
@@ -91,6 +92,12 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
     kinds = {row.kind for row in result.rows}
     private_tuned = [r for r in result.rows if r.kind == "private-tuned"]
     lines += ["", "* **default**: data-independent hyperparameters, the whole pipeline is (ε, δ)-DP."]
+    if "auto" in kinds:
+        lines.append(
+            f"* **{KIND_LABELS['auto']}**: hyperparameters chosen by `recipe=auto` from the released count ñ "
+            "and the method's ε only (its bands were chosen on public proxies: benchmarks/choose_epochs.py); "
+            "nothing is selected, so the whole fit is within the column's (ε, δ). Same seeds as the default rows."
+        )
     if private_tuned or (config.private_tune and "default" in kinds):
         lines.append(
             "* **private-tuned**: hyperparameters chosen privately among the method's `tuning_grid` by "
@@ -132,6 +139,10 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
         for (method, eps), choices in _private_choices(private_tuned).items():
             lines.append(f"* {method} at ε = {eps:g}: " + "; ".join(
                 f"seed {seed}: {params or 'defaults'} ({100 * acc:.1f})" for seed, params, acc in choices))
+    auto = _auto_choices(result.rows)
+    if auto:
+        lines += ["", "recipe=auto choices (resolved from ñ·ε in each fit):", ""]
+        lines += [f"* {method} recipe=auto at ε = {eps:g}: {choice}" for (method, eps), choice in auto.items()]
     tuned = _tuned_choices(result.rows)
     if tuned:
         lines += ["", "Oracle selection (not private) choices (held-out accuracy %):", ""]
@@ -177,6 +188,8 @@ def from_json(text: str) -> BenchResult:
             config[key] = tuple(config[key])
     if "private_tune" not in config:  # written before private tuning: it had no such rows
         config["private_tune"] = False
+    if "auto" not in config:  # written before auto rows: it had none
+        config["auto"] = False
     rows = [BenchRow(**(row | {"kind": _OLD_KIND_NAMES.get(row["kind"], row["kind"])})) for row in record["rows"]]
     return BenchResult(
         BenchConfig(**config), rows, record["num_train"],
@@ -190,6 +203,22 @@ def _views_note(result: BenchResult) -> str:
     if result.train_views == 1:
         return ""
     return f" (× {result.train_views} views each, averaged per example; peers see the first view)"
+
+
+def _auto_choices(rows: list[BenchRow]) -> dict:
+    """(method, ε) → the steps and schedule recipe=auto ran, once when every seed ran the same (ñ, hence the
+    band, is drawn per seed), else per seed; the rest of what ran is in the csv/json rows."""
+    runs: dict = defaultdict(list)
+    for row in sorted((r for r in rows if r.kind == "auto"), key=lambda r: (r.method, r.epsilon, r.seed)):
+        params = row.hyperparameters
+        parts = ([f"{params['steps']} steps"] if "steps" in params else []) + (
+            [f"schedule {params['schedule']}"] if "schedule" in params else [])
+        runs[(row.method, row.epsilon)].append((row.seed, ", ".join(parts) or str(params)))
+    choices = {}
+    for key, seeded in runs.items():
+        distinct = {text for _, text in seeded}
+        choices[key] = distinct.pop() if len(distinct) == 1 else "; ".join(f"seed {s}: {t}" for s, t in seeded)
+    return choices
 
 
 def _tuned_choices(rows: list[BenchRow]) -> dict:
@@ -246,8 +275,9 @@ def figure(result: BenchResult, title: str):
     import matplotlib.pyplot as plt
 
     chart, axis = plt.subplots(figsize=(8, 5), dpi=120)
-    # One colour per method; the kind is the line style: private-tuned solid, oracle dashed.
-    styles = {"default": ":o", "private-tuned": "-D", "oracle": "--s", "peer": "-.^"}
+    # One colour per method; the kind is the line style: private-tuned solid, oracle dashed, auto dash-dot
+    # (as peers, which have colours of their own; the marker tells them apart).
+    styles = {"default": ":o", "auto": "-.v", "private-tuned": "-D", "oracle": "--s", "peer": "-.^"}
     table = summarize(result.rows)
     methods = list(dict.fromkeys(method for (kind, method), cells in table.items() if None not in cells))
     colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}

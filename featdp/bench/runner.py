@@ -2,6 +2,10 @@
 
 Row kinds, kept apart in every table (the markdown names them by `report.KIND_LABELS`):
 * ``default``        the method's data-independent defaults: the whole pipeline is private.
+* ``auto``           methods with a ``recipe`` hyperparameter (dp-sgd): ``recipe=auto``, whose hyperparameters
+                     `Method.for_budget` chooses inside the fit from the released count ñ and the method's ε
+                     only, so nothing is selected and the whole fit is within the column's (ε, δ). Fitted
+                     like the default rows (same seeds, same cache); each records the hyperparameters that ran.
 * ``private-tuned``  hyperparameters chosen privately by `featdp.selection.select` (random stopping,
                      Papernot & Steinke 2022) among the method's `tuning_grid`, the whole selection within
                      the column's (ε, δ): what `featdp tune --method M --eps E` does, seeded per row. Only
@@ -81,6 +85,7 @@ class BenchConfig:
     references: bool = True  # the non-private rows (ridge, logreg) also when `methods` names only others
     tune: bool = True  # oracle rows: selection on held-out train rows, not private
     private_tune: bool = True  # private-tuned rows: `featdp.selection.select` within the same (ε, δ)
+    auto: bool = True  # auto rows: recipe=auto for the methods that have it (`has_auto_recipe`)
     mean_runs: float | None = None  # R of the private selection; None: each method's grid size (`mean_runs_for`)
     holdout_fraction: float = 0.1
     peers: tuple[str, ...] = ()
@@ -119,14 +124,14 @@ class BenchConfig:
 class BenchRow:
     """One fit: what ran, on which budget, and how it did on the test split."""
 
-    kind: str  # default | private-tuned | oracle | non-private | peer
+    kind: str  # default | auto | private-tuned | oracle | non-private | peer
     method: str
     epsilon: float | None  # the target: for private-tuned rows the total ε of the whole selection
     delta: float | None
     seed: int
     accuracy: float
     fit_seconds: float  # private-tuned rows: the whole selection, every run included
-    hyperparameters: dict
+    hyperparameters: dict  # what differs from the defaults; auto rows: every one, as resolved for the budget
     noise_scale: float | None = None
     # oracle rows: the held-out accuracy that chose them; private-tuned rows: the chosen run's released
     # noisy validation accuracy (what `featdp tune` reports)
@@ -209,14 +214,18 @@ def run_bench(
                           result.method.hyperparameters()))
         if config.tune:
             fit_part, holdout = tuning.split_holdout(train, config.holdout_fraction)
-        # One (method, ε) at a time, defaults then tuning then oracle: candidates that differ only in λ or
-        # in later steps, and oracle fits with the default fits' seeds, release bit-identical noisy Gram
-        # matrices, whose decompositions are then still in the cache. No later fit meets them: they are
+        # One (method, ε) at a time, defaults (then recipe=auto) then tuning then oracle: candidates that differ
+        # only in λ or in later steps, and oracle fits with the default fits' seeds, release bit-identical noisy
+        # Gram matrices, whose decompositions are then still in the cache. No later fit meets them: they are
         # dropped after each (method, ε).
         for name in private:
             for epsilon in config.epsilons:
                 for seed in range(config.seeds):
                     emit(_private_row("default", train, test, get_method(name), epsilon, config, seed, cache))
+                if config.auto and has_auto_recipe(name):
+                    for seed in range(config.seeds):
+                        emit(_private_row("auto", train, test, get_method(name, recipe="auto"), epsilon, config,
+                                          seed, cache))
                 if config.tune:
                     choice = tuning.choose(name, fit_part, holdout, epsilon, config.delta, config.accountant,
                                            cache)
@@ -256,12 +265,19 @@ def _method_names(config: BenchConfig) -> tuple[list[str], list[str]]:
     return private, public
 
 
+def has_auto_recipe(name: str) -> bool:
+    """Whether `name` gets auto rows: its class has a dataclass field `recipe` (taking "auto", as dp-sgd's)."""
+    return any(field.name == "recipe" for field in dataclasses.fields(registry()[name]))
+
+
 def planned_rows(config: BenchConfig) -> int:
     """The rows `run_bench` makes when none is skipped (a peer that cannot run here, or a private-tuned ε too
     small for a selection): the total its progress counts towards."""
     private, public = _method_names(config)
     per_method = len(config.epsilons) * config.seeds
     rows = len(public) + len(private) * per_method * (2 if config.tune else 1)
+    if config.auto:
+        rows += per_method * sum(has_auto_recipe(name) for name in private)
     if config.private_tune:
         rows += per_method * sum(grid_size(name) >= 2 for name in private)
     if config.peers:
@@ -281,8 +297,12 @@ def _precompute_statistics(train: RowSource, cache: StatisticsCache) -> float:
 def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: int, cache) -> BenchRow:
     result = fit(train, method, epsilon=epsilon, delta=config.delta, seed=seed, accountant=config.accountant,
                  cache=cache)
+    # An auto row's method is resolved inside the fit: record all of what ran (recipe "manual", the steps, …),
+    # as a diff against the defaults would hide that the recipe was resolved.
+    hyperparameters = (result.method.hyperparameters() if kind == "auto"
+                       else _changed_hyperparameters(result.method))
     return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
-                    _changed_hyperparameters(method), result.calibration.noise_scale,
+                    hyperparameters, result.calibration.noise_scale,
                     epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta)
 
 

@@ -4,7 +4,9 @@ A method is one file: a frozen dataclass of public hyperparameters, a pure ``dp_
 describing its releases, and ``fit(data, noise_scale, releaser)`` that returns the head W (d×K). Data and
 the randomness come in as arguments; nothing random is stored on the method. The n a method may use —
 in its event, its defaults and its arithmetic — is public: `data.public_size`, the released count in a
-fit (the true n differs between add-or-remove neighbours and is never used).
+fit (the true n differs between add-or-remove neighbours and is never used). Hyperparameters that follow
+the budget are filled in by ``for_budget(ñ, ε, d, K)`` before the event is accounted (dp-sgd's
+``recipe=auto``): from public values only, so the choice costs no privacy.
 """
 
 from __future__ import annotations
