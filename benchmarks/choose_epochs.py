@@ -8,16 +8,20 @@ Gaussian mixtures with nuisance directions (benchmarks/bench_synthetic.py: K = 1
 nuisance coordinates of std 5) at n = 5,000, 20,000 and 60,000 with d = 512, and n = 20,000 with
 d = 2,048; and real images through the real backbone: digits upsampled to 28×28, deformed into n = 20,000
 and 60,000 rows, through featdp's ScatterNet (d = 3969), once mildly and once hard enough for the classes
-to overlap like Fashion-MNIST's (`digits_scatternet`). Every candidate is `benchmarks/choose_defaults.py`'s recipe (q = 8192/60000, C = √d, C_g = 0.1,
-lr 16, momentum 0.9) for e epochs (steps = e/q), with a constant or a linearly decaying rate. Each cell is
-one `featdp.training.fit` at (ε, δ = 1e-5), test top-1 %, median over seeds; the last table ranks the
-candidates within each (proxy, ε) by n·ε. Results: benchmarks/results/choose_epochs.md.
+to overlap like Fashion-MNIST's (`digits_scatternet`). Every candidate is `recipe_for_epochs` in
+featdp/methods/dp_sgd.py (q = 8192/60000, C = √d, C_g = 0.1, lr 16, momentum 0.9) for e epochs, with a
+constant or a linearly decaying rate. Each cell is one `featdp.training.fit` at (ε, δ = 1e-5), test top-1
+%, median over seeds; then the best candidate within each (proxy, ε) by n·ε, and the rule `recipe=auto`
+uses (`best_rule`: the four bands with the least mean regret). Results: benchmarks/results/choose_epochs.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import pathlib
+import re
 import sys
 import time
 
@@ -25,11 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_synthetic import gaussian_mixture  # noqa: E402
-from choose_defaults import DELTA, digits, recipe  # noqa: E402
+from choose_defaults import DELTA, digits  # noqa: E402
 
 from featdp.data import ArraySource  # noqa: E402
 from featdp.methods import get_method  # noqa: E402
-from featdp.training import fit  # noqa: E402
+from featdp.methods.dp_sgd import recipe_for_epochs  # noqa: E402
+from featdp.training import COUNT_SHARE, SAMPLER_RESERVE, fit  # noqa: E402
 
 
 def mixture(n: int, d: int):
@@ -101,8 +106,81 @@ PROXIES = {
 }
 
 
-def steps_for(epochs: float) -> int:
-    return max(1, round(epochs * 60000 / 8192))
+# Band edges a rule may use (ñ·ε); round numbers, so that no proxy cell is fitted to an edge.
+THRESHOLDS = (2_000, 3_000, 5_000, 10_000, 20_000, 35_000, 50_000, 100_000, 150_000, 250_000)
+BANDS = 4
+RULE_HEADING = "## The rule: recipe=auto's bands"
+
+
+def method_budget(n: int, epsilon: float) -> float:
+    """ñ·ε as a fit resolves it: ñ ≈ n, and the method's share of ε after the count and the sampler."""
+    return n * epsilon * (1 - COUNT_SHARE) * (1 - SAMPLER_RESERVE)
+
+
+def read_cells(text: str) -> list[tuple[float, str, dict[tuple[float, str], float]]]:
+    """(ñ·ε, proxy, {(epochs, schedule): accuracy}) for every (proxy, ε) of a results file this script wrote."""
+    cells = []
+    for section in re.split(r"\n## ", text)[1:]:
+        name = section.splitlines()[0].strip()
+        size = re.search(r"\bn = (\d+)", name)
+        header = next((line for line in section.splitlines() if line.startswith("| candidate |")), None)
+        if size is None or header is None:
+            continue
+        epsilons = [float(cell.split("=")[1]) for cell in header.strip("|").split("|")[1:]]
+        scores: dict[float, dict[tuple[float, str], float]] = {e: {} for e in epsilons}
+        for line in section.splitlines():
+            row = re.match(r"\| ([\d.]+) epochs, (\w+) \| (.*) \|$", line)
+            if row:
+                for epsilon, value in zip(epsilons, row.group(3).split(" | ")):
+                    scores[epsilon][(float(row.group(1)), row.group(2))] = float(value)
+        cells += [(method_budget(int(size.group(1)), e), name, scores[e]) for e in epsilons]
+    return cells
+
+
+def best_rule(cells) -> tuple[tuple[tuple[float, float, str], ...], float, float]:
+    """The rule of `BANDS` bands (edges from `THRESHOLDS`, epochs never fewer in a higher band) with the
+    least mean regret against the best candidate of each cell, ties broken by the worst regret and then
+    by the rule's order: ((below, epochs, schedule), …, (inf, epochs, schedule)), mean, worst."""
+    options = sorted(cells[0][2])
+    regret = np.array([[max(scores.values()) - scores[o] for o in options] for _, _, scores in cells])
+    budgets = np.array([budget for budget, _, _ in cells])
+    sequences = [seq for seq in itertools.product(range(len(options)), repeat=BANDS)
+                 if all(options[a][0] <= options[b][0] for a, b in zip(seq, seq[1:]))]
+    best = None
+    for edges in itertools.combinations(THRESHOLDS, BANDS - 1):
+        band = np.searchsorted(np.array(edges), budgets, side="right")
+        total = np.array([regret[band == b].sum(axis=0) for b in range(BANDS)])
+        worst = np.array([regret[band == b].max(axis=0) if (band == b).any() else np.zeros(len(options))
+                          for b in range(BANDS)])
+        for seq in sequences:
+            key = (sum(total[b, o] for b, o in enumerate(seq)) / len(cells),
+                   max(worst[b, o] for b, o in enumerate(seq)), edges, seq)
+            if best is None or key < best:
+                best = key
+    mean, worst, edges, seq = best
+    rule = tuple((below, *options[o]) for below, o in zip((*map(float, edges), math.inf), seq))
+    return rule, mean, worst
+
+
+def rule_section(text: str) -> str:
+    cells = read_cells(text)
+    rule, mean, worst = best_rule(cells)
+    options = sorted(cells[0][2])
+    fixed = {o: [max(s.values()) - s[o] for _, _, s in cells] for o in options}
+    single = min(options, key=lambda o: (np.mean(fixed[o]), max(fixed[o])))
+    bands = ", ".join(f"below {below:,.0f}: {epochs:g} epochs {schedule}" if math.isfinite(below)
+                      else f"above: {epochs:g} epochs {schedule}" for below, epochs, schedule in rule)
+    return (f"\n{RULE_HEADING}\n\nOver {len(cells)} (proxy, ε) cells, each at ñ·ε = n·ε·(1 − count share)·(1 − "
+            f"sampler reserve) as a fit resolves it, the {BANDS}-band rule with edges from {THRESHOLDS} and "
+            "epochs never fewer in a higher band with the least mean regret (points below the cell's best "
+            f"candidate): **{bands}**; mean regret {mean:.2f}, worst {worst:.1f}. The best single recipe, "
+            f"{single[0]:g} epochs {single[1]}: mean {np.mean(fixed[single]):.2f}, worst {max(fixed[single]):.1f}.\n\n"
+            f"`AUTO_EPOCHS = ({', '.join(_band(band) for band in rule)})`\n")
+
+
+def _band(band: tuple[float, float, str]) -> str:
+    below, epochs, schedule = band
+    return f"({'math.inf' if math.isinf(below) else f'{below:_.1f}'}, {epochs:.1f}, {schedule!r})"
 
 
 def main(argv=None) -> int:
@@ -114,7 +192,15 @@ def main(argv=None) -> int:
     parser.add_argument("--proxies", default=None, help="comma-separated substrings of proxy names; default: all")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--name", default="choose_epochs", help="file stem under --out")
+    parser.add_argument("--rule-from", type=pathlib.Path, default=None,
+                        help="fit nothing: derive the rule from this results file and rewrite its rule section")
     args = parser.parse_args(argv)
+    if args.rule_from is not None:
+        text = args.rule_from.read_text().split(f"\n{RULE_HEADING}")[0].rstrip("\n") + "\n"
+        section = rule_section(text)
+        print(section)
+        args.rule_from.write_text(text + section)
+        return 0
     command = "python benchmarks/choose_epochs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     epsilons = [float(e) for e in args.eps.split(",")]
     epochs = [float(e) for e in args.epochs.split(",")]
@@ -138,7 +224,7 @@ def main(argv=None) -> int:
         for schedule in schedules:
             for e in epochs:
                 label = f"{e:g} epochs, {schedule}"
-                overrides = recipe(n, d, steps_for(e)) | {"schedule": schedule}
+                overrides = recipe_for_epochs(n, d, e, schedule)
                 scores[label] = [float(np.median([
                     100 * fit(train, get_method("dp-sgd", **overrides), epsilon=epsilon, delta=DELTA,
                               seed=seed).accuracy(test) for seed in range(args.seeds)])) for epsilon in epsilons]
@@ -153,6 +239,7 @@ def main(argv=None) -> int:
     lines += ranking
     lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
     text = "\n".join(lines) + "\n"
+    text += rule_section(text)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(text)

@@ -68,7 +68,7 @@ def main() -> None:
     view_counts = [int(v) for v in args.views.split(",")]
     epsilons = tuple(float(e) for e in args.eps.split(","))
     config = BenchConfig(epsilons=epsilons, delta=1e-5, seeds=args.seeds, methods=tuple(args.methods.split(",")),
-                         references=False, tune=False, private_tune=True)
+                         references=False, tune=False, private_tune=True, auto=False)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     cells: dict[tuple[int, str, str], dict[float, list[float]]] = {}

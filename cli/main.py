@@ -248,9 +248,11 @@ def _print_summary(job) -> None:
     report = job.report
     table = Table(show_header=False, box=None)
     table.add_row("method", report["method"])
-    changed = _changed_hyperparameters(report["method"], report["hyperparameters"])
+    # Exactly what ran where it differs from the defaults (a recipe's choice included), pasteable as --set.
+    changed = job.result.method.changed_hyperparameters()
     if changed:
-        table.add_row("hyperparameters", changed)
+        table.add_row("hyperparameters", ", ".join(
+            f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}" for key, value in changed.items()))
     if report["private"]:
         _add_privacy_rows(table, report)
         table.add_row("sampler", f"{report['sampler']['name']}; ε slack {report['sampler']['epsilon_slack']:.1e}")
@@ -258,17 +260,6 @@ def _print_summary(job) -> None:
         table.add_row("privacy", "[red]none: non-private reference[/]")
     _add_outcome_rows(table, job, "fit time", report["fit_seconds"])
     console.print(table)
-
-
-def _changed_hyperparameters(name: str, hyperparameters: dict) -> str:
-    """The hyperparameters that ran and differ from the method's defaults (what `--set` or a recipe chose)."""
-    import dataclasses
-
-    from featdp.methods import registry
-
-    defaults = {f.name: f.default for f in dataclasses.fields(registry()[name])}
-    return ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in hyperparameters.items() if key in defaults and value != defaults[key])
 
 
 def _add_privacy_rows(table, report) -> None:

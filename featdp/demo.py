@@ -93,8 +93,9 @@ class Demo:
 
     def rows(self) -> Iterator[DemoRow]:
         """Fits every private method at its defaults at each ε, then DP-SGD with recipe=auto and with the
-        Tramèr–Boneh recipe, then the non-private references; yields each row when its last fit is done. Noise comes from the
-        OS. Needs the feature file (`extract`). Reports progress over the fits (`featdp.progress`)."""
+        Tramèr–Boneh recipe, then the non-private references; yields each row when its last fit is done.
+        Noise comes from the OS. Needs the feature file (`extract`). Reports progress over the fits
+        (`featdp.progress`)."""
         from featdp.methods import method_names
 
         private = method_names(private=True)

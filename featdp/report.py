@@ -69,6 +69,9 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
             public=_public_inputs(result),
             sampler=_sampler(result, privacy),
         )
+        if result.budget_choice is not None:
+            # e.g. dp-sgd recipe=auto: `hyperparameters` holds what ran, this what was asked and from what.
+            report["hyperparameters_from_budget"] = result.budget_choice
     else:
         report.update(epsilon=float("inf"), delta=1.0, dp_event=event_to_json(events.NonPrivateDpEvent()),
                       warning="non-private reference method: no privacy guarantee")

@@ -102,6 +102,8 @@ class FitResult(LinearHead):
     privacy: PrivacySpent | None = None
     target: PrivacyTarget | None = None  # with δ resolved
     views_per_example: int = 1  # rows per example of the train split (augmentation multiplicity)
+    # When `Method.for_budget` chose hyperparameters: what was asked for and the public budget it saw.
+    budget_choice: dict | None = None
 
 
 def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float, delta: float) -> CountRelease:
@@ -197,7 +199,10 @@ def fit(
     method_epsilon = (target.epsilon - count.epsilon) * (1 - SAMPLER_RESERVE)
     method_delta = (target.delta - count.delta) * (1 - SAMPLER_RESERVE)
     # Hyperparameters chosen from the budget see only public values: ñ, the method's ε, d and K.
-    method = method.for_budget(count.value, method_epsilon, train.feature_dim, train.num_classes)
+    requested, method = method, method.for_budget(count.value, method_epsilon, train.feature_dim, train.num_classes)
+    budget_choice = None if method == requested else {
+        "requested": requested.changed_hyperparameters(), "released_count": count.value,
+        "method_epsilon": method_epsilon, "feature_dim": train.feature_dim}
     progress.report(task, 2, phases, "calibrating the noise")
     calibration = accounting.calibrate(
         lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant
@@ -221,7 +226,8 @@ def fit(
     privacy = PrivacySpent(spent_epsilon, spent_delta, ideal_epsilon, ideal_delta,
                            sum(r.coordinates for r in releaser.releases))
     result = _result(method, weights, n, releaser, calibration, key.seeded, elapsed)
-    return dataclasses.replace(result, count=count, privacy=privacy, target=target, views_per_example=views)
+    return dataclasses.replace(result, count=count, privacy=privacy, target=target, views_per_example=views,
+                               budget_choice=budget_choice)
 
 
 def working_memory_bytes(method: Method, dim: int, num_classes: int) -> int:

@@ -3,8 +3,10 @@ accounted, the same way in a fit, a selection and an audit; refused beside the f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -16,11 +18,36 @@ from featdp.methods.dp_sgd import AUTO_EPOCHS, AUTO_FIELDS, auto_recipe
 from featdp.training import SAMPLER_RESERVE, fit
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_the_bands_are_the_rule_the_committed_proxy_table_gives():
+    spec = importlib.util.spec_from_file_location("choose_epochs", ROOT / "benchmarks" / "choose_epochs.py")
+    choose_epochs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choose_epochs)
+    cells = choose_epochs.read_cells((ROOT / "benchmarks" / "results" / "choose_epochs.md").read_text())
+    assert len({name for _, name, _ in cells}) == len(choose_epochs.PROXIES)  # every proxy, no FMNIST
+    rule, _, _ = choose_epochs.best_rule(cells)
+    assert rule == AUTO_EPOCHS
+
+
 @pytest.mark.parametrize("field", AUTO_FIELDS)
 def test_auto_refuses_a_field_it_chooses(field):
     value = {"optimizer": "adam", "schedule": "cosine", "momentum": 0.5}.get(field, 3)
     with pytest.raises(HyperparameterError, match=f"recipe=auto chooses {field}"):
         get_method("dp-sgd", recipe="auto", **{field: value})
+
+
+def test_auto_refuses_a_field_it_chooses_even_at_its_default():
+    with pytest.raises(HyperparameterError, match="recipe=auto chooses steps"):
+        get_method("dp-sgd", recipe="auto", steps=1)
+    with pytest.raises(HyperparameterError, match="recipe=auto chooses"):
+        type(get_method("dp-sgd")).from_strings({"recipe": "auto", "batch_size": "none"})
+
+
+def test_an_unresolved_auto_recipe_has_no_preprocessing():
+    with pytest.raises(ValueError, match="for_budget"):
+        get_method("dp-sgd", recipe="auto").preprocessing()
 
 
 def test_auto_keeps_the_fields_it_does_not_choose():
@@ -50,6 +77,7 @@ def test_the_recipe_is_a_function_of_the_budget_alone():
 
 def test_a_fit_runs_the_recipe_of_its_released_count_and_epsilon(blobs):
     result = fit(blobs, "dp-sgd", epsilon=2.0, delta=1e-5, seed=0, hyperparameters={"recipe": "auto"})
+    assert result.count.value != result.num_examples  # so the recipe below is the released count's
     method_epsilon = (result.target.epsilon - result.count.epsilon) * (1 - SAMPLER_RESERVE)
     expected = auto_recipe(result.count.value, method_epsilon, blobs.feature_dim)
     assert result.method.recipe == "manual"
@@ -84,6 +112,10 @@ def test_cli_fit_reports_the_hyperparameters_that_ran(tmp_path):
     hyperparameters = report["hyperparameters"]
     assert hyperparameters["recipe"] == "manual" and hyperparameters["steps"] > 1
     assert math.isclose(hyperparameters["clip_norm"], math.sqrt(8))
+    chosen = report["hyperparameters_from_budget"]
+    assert chosen["requested"] == {"recipe": "auto"} and chosen["released_count"] == report["num_examples_released"]
+    # The summary names what ran, pasteable as --set.
+    assert f"steps={hyperparameters['steps']}" in result.output and "schedule=" in result.output
 
 
 def test_cli_refuses_auto_beside_a_field_it_chooses(tmp_path):

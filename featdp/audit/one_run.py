@@ -39,10 +39,10 @@ def one_run_audit(
 ) -> AuditResult:
     """Audits `method` at the claimed (ε, δ) with `canaries` canaries in one fit."""
     check_audit_arguments(epsilon, delta, canaries, accountant, confidence, score)
-    method = at_budget(method, epsilon, data, canaries)
     start = time.perf_counter()
     # At least as many other examples as canaries, so the canaries-alone replay fits the same n.
     data = dataclasses.replace(data, num_examples=max(data.num_examples, canaries))
+    method = at_budget(method, epsilon, data, canaries)
     # Inclusion is drawn apart from the noise: from the OS, or from the seed's own stream.
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else [seed, 1])
     include = rng.random(canaries) < 0.5

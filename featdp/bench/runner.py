@@ -300,7 +300,7 @@ def _private_row(kind, train, test, method, epsilon, config: BenchConfig, seed: 
     # An auto row's method is resolved inside the fit: record all of what ran (recipe "manual", the steps, …),
     # as a diff against the defaults would hide that the recipe was resolved.
     hyperparameters = (result.method.hyperparameters() if kind == "auto"
-                       else _changed_hyperparameters(result.method))
+                       else result.method.changed_hyperparameters())
     return BenchRow(kind, method.name, epsilon, config.delta, seed, _accuracy(result, test), result.fit_seconds,
                     hyperparameters, result.calibration.noise_scale,
                     epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta)
@@ -332,16 +332,10 @@ def _private_tuned_row(name, train, test, epsilon, config: BenchConfig, seed: in
     accuracy = result.accuracy(test)
     return BenchRow(
         "private-tuned", name, epsilon, config.delta, seed, accuracy, result.seconds,
-        _changed_hyperparameters(result.method), result.best.noise_scale,
+        result.method.changed_hyperparameters(), result.best.noise_scale,
         validation_accuracy=result.best.noisy_accuracy(result.public_validation_size),
         epsilon_spent=result.privacy.epsilon, delta_spent=result.privacy.delta, mean_runs=mean_runs,
     )
-
-
-def _changed_hyperparameters(method) -> dict:
-    """Only what differs from the method's defaults: tables stay readable."""
-    defaults = type(method)().hyperparameters()
-    return {k: v for k, v in method.hyperparameters().items() if defaults.get(k) != v}
 
 
 def _accuracy(result, test: RowSource) -> float:

@@ -46,7 +46,7 @@ class Method:
 
     def __post_init__(self):
         finite_floats(self)
-        self.preprocessing()  # validates clip_norm and normalize
+        Preprocessing(self.clip_norm, self.normalize)  # validates clip_norm and normalize
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.clip_norm, self.normalize)
@@ -54,7 +54,9 @@ class Method:
     def for_budget(self, num_examples: float, epsilon: float, feature_dim: int, num_classes: int) -> "Method":
         """The method a fit at this budget runs: `self`, unless a hyperparameter is chosen from the budget.
         Every argument is public: `num_examples` the released count, `epsilon` the method's share of the
-        target, d and K the file's shapes. Fits, selections and audits call it before `dp_event`."""
+        target, d the file's feature dimension and K its declared class count (a caller without declared
+        classes passes the labels' count, so no method may choose from K alone). Fits, selections and
+        audits call it before `dp_event`."""
         return self
 
     def dp_event(self, noise_scale: float, num_examples: int) -> events.DpEvent:
@@ -65,6 +67,11 @@ class Method:
 
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def changed_hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters that differ from the method's defaults (what `--set` or a recipe chose)."""
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        return {k: v for k, v in self.hyperparameters().items() if defaults.get(k) != v}
 
     @classmethod
     def hyperparameter_help(cls) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dp_accounting import dp_event as events
 from featdp import progress
 from featdp.methods import _gradients as gradients
 from featdp.methods import _trajectory as trajectory
-from featdp.methods.base import Method, positive, register
+from featdp.methods.base import HyperparameterError, Method, positive, register
 
 OPTIMIZERS = ("sgd", "adam")
 RECIPES = ("manual", "auto")
@@ -106,12 +106,30 @@ class DPSGD(Method):
         # choose_defaults.py: digits and a nuisance Gaussian mixture, ε ∈ {0.5, 1, 3, 8}): the one
         # full-batch step was last at every ε on both, so it is no candidate, and the defaults are not
         # first here. There C = √d beat C = 63 at d = 64; this grid sees n only and keeps the recipe's 63.
-        # No candidate averages or decays its rate: added to the 293-step recipe they gained at ε = 1 on
+        # No candidate averages or decays its rate (recipe=auto's decays are its proxies' choice, for runs
+        # of its own lengths): added to the 293-step recipe they gained at ε = 1 on
         # every dataset, but on held-out rows of Fashion-MNIST's train split and on the mixture less than
         # the 73-step entry already here gains, and at ε = 3, where 293 steps is the best entry on
         # Fashion-MNIST, they tied or lost (benchmarks/results/trajectories.md).
         recipe = tramer_boneh_recipe(num_examples)
         return (recipe, recipe | {"steps": 73}, recipe | {"steps": 37})
+
+    @classmethod
+    def create(cls, **values):
+        # By key, not by value: `recipe=auto steps=1` names a field the recipe would silently replace.
+        if values.get("recipe") == "auto":
+            chosen = [name for name in AUTO_FIELDS if name in values]
+            if chosen:
+                raise HyperparameterError(
+                    f"method {cls.name!r}: recipe=auto chooses {', '.join(chosen)} from the budget: drop "
+                    f"{'it' if len(chosen) == 1 else 'them'} or use recipe=manual")
+        return super().create(**values)
+
+    def preprocessing(self):
+        if self.recipe == "auto":
+            raise ValueError("dp-sgd recipe=auto chooses clip_norm from the budget: resolve it with "
+                             "for_budget(ñ, ε, d, K) first")
+        return super().preprocessing()
 
     def for_budget(self, num_examples, epsilon, feature_dim, num_classes):
         if self.recipe != "auto":
@@ -178,15 +196,13 @@ def tramer_boneh_recipe(num_examples: int) -> dict:
 
 
 # recipe=auto's epochs and rate schedule by budget ñ·ε: (ñ·ε below, epochs, schedule), first match wins.
-# Chosen on public proxies only (benchmarks/choose_epochs.py, results/choose_epochs.md): scikit-learn's
-# digits, Gaussian mixtures (n = 5,000 to 60,000, d = 512 and 2,048) and digits deformed and run through
-# ScatterNet (n = 20,000 and 60,000, d = 3969, one set as hard as Fashion-MNIST), at ε = 0.5 to 8: of all
-# four-band rules over 5 to 40 epochs, constant or linearly decaying, the one with the least mean regret
-# against the best candidate of each (proxy, ε): 0.6 points, worst 4.7 (the best single recipe, 20 epochs
-# with a linear decay: mean 1.8, worst 12.5). Small budgets want few steps, each less noisy; large ones
-# want the long runs that converge.
+# Chosen on public proxies only, never on an evaluation file: scikit-learn's digits, Gaussian mixtures, and
+# digits deformed and run through ScatterNet (one set as hard as Fashion-MNIST), at ε = 0.5 to 8. It is the
+# four-band rule with the least mean regret against each (proxy, ε)'s best candidate that
+# benchmarks/choose_epochs.py derives from its table (results/choose_epochs.md, last section; a test checks
+# that this is that rule). Small budgets want few steps, each less noisy; large ones the runs that converge.
 AUTO_EPOCHS = (
-    (5_000.0, 5.0, "linear"),
+    (3_000.0, 5.0, "linear"),
     (35_000.0, 5.0, "constant"),
     (100_000.0, 20.0, "linear"),
     (math.inf, 40.0, "linear"),
@@ -194,11 +210,16 @@ AUTO_EPOCHS = (
 
 
 def auto_recipe(num_examples: float, epsilon: float, feature_dim: int) -> dict:
-    """recipe=auto: the Tramèr–Boneh recipe (sampling rate q = 8192/60000, C_g = 0.1, lr 16, momentum
-    0.9) with C = √d, as their features had norm ≈ √3969, and the epochs and schedule of `AUTO_EPOCHS` at
-    the budget ñ·ε. Arguments are public: the released count, the method's ε and the feature dimension."""
+    """recipe=auto's hyperparameters at the budget ñ·ε (`AUTO_EPOCHS`). Arguments are public: the released
+    count, the method's ε and the feature dimension."""
     budget = num_examples * epsilon
     epochs, schedule = next((epochs, schedule) for below, epochs, schedule in AUTO_EPOCHS if budget < below)
+    return recipe_for_epochs(num_examples, feature_dim, epochs, schedule)
+
+
+def recipe_for_epochs(num_examples: float, feature_dim: int, epochs: float, schedule: str) -> dict:
+    """The Tramèr–Boneh recipe (sampling rate q = 8192/60000, C_g = 0.1, lr 16, momentum 0.9) for `epochs`
+    epochs with the rate `schedule`, and C = √d, as their features had norm ≈ √3969."""
     q = 8192 / 60000
     return {"clip_norm": math.sqrt(feature_dim), "steps": max(1, round(epochs / q)),
             "batch_size": max(1, round(num_examples * q)), "grad_clip": 0.1, "lr": 16.0, "momentum": 0.9,
