@@ -374,7 +374,7 @@ FIT_WORKER = textwrap.dedent("""
                                processes=group, block_rows=16, out_dir=None if out == "-" else out)
     np.savez(result, weights=job.result.weights, report=json.dumps({
         "epsilon": job.report["epsilon"], "count": job.result.count.value, "n": job.result.num_examples,
-        "accuracy": job.test_accuracy}))
+        "accuracy": job.test_accuracy, "hyperparameters": job.report["hyperparameters"]}))
 """)
 
 
@@ -400,6 +400,8 @@ def fit_files(tmp_path_factory):
 @pytest.mark.parametrize("method, options, exact", [
     ("dp-ls", {}, True),
     ("dp-sgd", {"steps": 4, "batch_size": 60, "lr": 2.0}, False),
+    # Hyperparameters chosen from the budget: every process resolves them from the same summed ñ.
+    ("dp-sgd", {"recipe": "auto"}, False),
 ])
 def test_a_3_process_fit_gives_the_1_process_head(fit_files, method, options, exact):
     """Same seed, same head. DP-LS's one pass sums row blocks that are the same on either side (each process's
@@ -412,7 +414,8 @@ def test_a_3_process_fit_gives_the_1_process_head(fit_files, method, options, ex
     (single, single_report), = _fit(whole, method, options, 11, 1)
     many = _fit(sharded, method, options, 11, 3)
     for weights, report in many:
-        assert report == single_report  # the same ε, released count, n and test accuracy on every process
+        # The same ε, released count, n, test accuracy and hyperparameters (as resolved) on every process.
+        assert report == single_report
         np.testing.assert_array_equal(weights, many[0][0])  # every process holds the same head
     if exact:
         np.testing.assert_array_equal(many[0][0], single)
