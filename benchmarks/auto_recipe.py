@@ -17,6 +17,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from tables import finish  # noqa: E402
+
 from featdp.data import example_count, maybe_in_memory
 from featdp.featurefile import FeatureFile
 from featdp.methods import get_method
@@ -54,11 +57,7 @@ def main(argv=None) -> int:
                              f"{np.median(accuracies):.1f} ± {np.std(accuracies):.1f} | {'; '.join(sorted(chosen))} | "
                              f"{np.median(seconds):.1f} |")
                 print(lines[-1], flush=True)
-    lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "auto_recipe.md").write_text(text)
+    finish(lines, started, args.out, "auto_recipe")
     return 0
 
 

@@ -24,10 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_synthetic import gaussian_mixture  # noqa: E402
+from tables import finish, seed_accuracies  # noqa: E402
 
 from featdp.data import ArraySource  # noqa: E402
-from featdp.methods import get_method  # noqa: E402
-from featdp.training import fit  # noqa: E402
 
 DELTA = 1e-5
 
@@ -87,16 +86,11 @@ def main(argv=None) -> int:
         for label, (method, overrides) in candidates(len(y), x.shape[1]).items():
             cells = []
             for epsilon in epsilons:
-                accs = [100 * fit(train, get_method(method, **overrides), epsilon=epsilon, delta=DELTA,
-                                  seed=seed).accuracy(test) for seed in range(args.seeds)]
+                accs = seed_accuracies(train, test, method, overrides, epsilon, DELTA, args.seeds)
                 cells.append(f"{np.median(accs):.1f} ({min(accs):.1f}–{max(accs):.1f})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "choose_defaults.md").write_text(text)
+    finish(lines, started, args.out, "choose_defaults")
     return 0
 
 

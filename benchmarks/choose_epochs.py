@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_synthetic import gaussian_mixture  # noqa: E402
 from choose_defaults import DELTA, digits  # noqa: E402
+from tables import finish, seed_accuracies  # noqa: E402
 
 from featdp.data import ArraySource  # noqa: E402
-from featdp.methods import get_method  # noqa: E402
 from featdp.methods.dp_sgd import recipe_for_epochs  # noqa: E402
-from featdp.training import COUNT_SHARE, SAMPLER_RESERVE, fit  # noqa: E402
+from featdp.training import COUNT_SHARE, SAMPLER_RESERVE  # noqa: E402
 
 
 def mixture(n: int, d: int):
@@ -225,9 +225,8 @@ def main(argv=None) -> int:
             for e in epochs:
                 label = f"{e:g} epochs, {schedule}"
                 overrides = recipe_for_epochs(n, d, e, schedule)
-                scores[label] = [float(np.median([
-                    100 * fit(train, get_method("dp-sgd", **overrides), epsilon=epsilon, delta=DELTA,
-                              seed=seed).accuracy(test) for seed in range(args.seeds)])) for epsilon in epsilons]
+                scores[label] = [float(np.median(seed_accuracies(train, test, "dp-sgd", overrides, epsilon, DELTA,
+                                                                 args.seeds))) for epsilon in epsilons]
                 lines.append(f"| {label} | " + " | ".join(f"{a:.1f}" for a in scores[label]) + " |")
                 print(lines[-1], flush=True)
         for i, epsilon in enumerate(epsilons):
@@ -237,12 +236,8 @@ def main(argv=None) -> int:
                            f"{scores[best][i]:.1f} | {second} ({scores[best][i] - scores[second][i]:.1f}) |"))
     ranking += [row for _, row in sorted(ranked)]
     lines += ranking
-    lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    text += rule_section(text)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.md").write_text(text)
+    lines.append(rule_section("\n".join(lines)))
+    finish(lines, started, args.out, args.name)
     return 0
 
 

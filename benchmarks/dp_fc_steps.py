@@ -20,10 +20,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_synthetic import gaussian_mixture  # noqa: E402
 from choose_defaults import DELTA, digits  # noqa: E402
+from tables import finish, seed_accuracies  # noqa: E402
 
 from featdp.data import ArraySource  # noqa: E402
-from featdp.methods import get_method  # noqa: E402
-from featdp.training import fit  # noqa: E402
 
 STEPS = (10, 20, 30)
 TEST_ROWS = 4000
@@ -61,17 +60,11 @@ def main(argv=None) -> int:
         for steps in STEPS:
             cells = []
             for epsilon in epsilons:
-                accs = [100 * fit(train, get_method("dp-fc", steps=steps), epsilon=epsilon, delta=DELTA,
-                                  seed=seed).accuracy(test) for seed in range(args.seeds)]
+                accs = seed_accuracies(train, test, "dp-fc", {"steps": steps}, epsilon, DELTA, args.seeds)
                 cells.append(f"{np.median(accs):.1f}")
             lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dp_fc_steps.md").write_text(text)
+    finish(lines, started, args.out, "dp_fc_steps")
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from choose_defaults import DELTA, digits, mixture  # noqa: E402
+from tables import finish  # noqa: E402
 
 from featdp.cache import StatisticsCache  # noqa: E402
 from featdp.data import ArraySource  # noqa: E402
@@ -119,11 +120,7 @@ def main(argv=None) -> int:
         lines += [f"\n## {name}\n"]
         print(lines[-1], flush=True)
         lines += table(*load(), epsilons, args.seeds)
-    lines.append(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trajectories.md").write_text(text)
+    finish(lines, started, args.out, "trajectories")
     return 0
 
 
