@@ -611,7 +611,9 @@ def _check_views_version(path, group: h5py.Group, where: str, views: int) -> Non
     as one view per example, each view counted as an example."""
     version = group.file.attrs.get("format_version")
     if version == VIEWS_FORMAT_VERSION and "views" not in group.attrs:
-        raise _error(path, f"{where} of a format_version {VIEWS_FORMAT_VERSION} file lacks its 'views' attribute")
+        raise _error(path, f"{where} of a format_version {VIEWS_FORMAT_VERSION} file lacks its 'views' attribute "
+                           "(every split of such a file states it; a file written before that rule must be "
+                           "extracted again)")
     if views > 1 and version != VIEWS_FORMAT_VERSION:
         raise _error(path, f"{where} declares views={views}, but the file's format_version {_show(version)} has "
                            f"one view per example (format_version {VIEWS_FORMAT_VERSION} files may hold views)")

@@ -760,7 +760,7 @@ def select(
 
     # 2. Candidates, and the coordinates each fit draws (public: shapes depend on d, K and the candidate).
     # A candidate whose hyperparameters follow the budget sees the fit part's public size and the target ε.
-    candidates = [m.for_budget(public_fit_size, target.epsilon - count.epsilon, train.feature_dim, train.num_classes)
+    candidates = [m.for_budget(public_fit_size, target.epsilon - count.epsilon, train.feature_dim)
                   for m in build_candidates(methods, grid, public_fit_size)]
     dry_runs = StatisticsCache(statistics=False)
     coordinates = [release_coordinates(m, train.feature_dim, train.num_classes, public_fit_size, dry_runs) + 1

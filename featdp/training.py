@@ -198,8 +198,8 @@ def fit(
         )
     method_epsilon = (target.epsilon - count.epsilon) * (1 - SAMPLER_RESERVE)
     method_delta = (target.delta - count.delta) * (1 - SAMPLER_RESERVE)
-    # Hyperparameters chosen from the budget see only public values: ñ, the method's ε, d and K.
-    requested, method = method, method.for_budget(count.value, method_epsilon, train.feature_dim, train.num_classes)
+    # Hyperparameters chosen from the budget see only public values: ñ, the method's ε and d.
+    requested, method = method, method.for_budget(count.value, method_epsilon, train.feature_dim)
     budget_choice = None if method == requested else {
         "requested": requested.changed_hyperparameters(), "released_count": count.value,
         "method_epsilon": method_epsilon, "feature_dim": train.feature_dim}

@@ -52,7 +52,7 @@ def test_an_unresolved_auto_recipe_has_no_preprocessing():
 
 def test_auto_keeps_the_fields_it_does_not_choose():
     method = get_method("dp-sgd", recipe="auto", average="ema", normalize="clip")
-    resolved = method.for_budget(1000.0, 2.0, 16, 3)
+    resolved = method.for_budget(1000.0, 2.0, 16)
     assert resolved.average == "ema" and resolved.normalize == "clip" and resolved.recipe == "manual"
 
 

@@ -311,7 +311,6 @@ def test_a_killed_process_0_stops_the_others_with_one_error_line_and_the_extract
                  for c in commands[1:]]
     total = _kill_in_the_middle_of_train(victim)
     victim.wait(timeout=TIMEOUT)
-    killed_at = time.monotonic()
     assert victim.returncode == -signal.SIGKILL
     for index, survivor in enumerate(survivors, start=1):
         _, err = survivor.communicate(timeout=TIMEOUT)
@@ -324,7 +323,8 @@ def test_a_killed_process_0_stops_the_others_with_one_error_line_and_the_extract
         report = pathlib.Path(re.search(r"\(JAX's report: (.+)\)$", message[0]).group(1))
         assert "Terminating process because the JAX distributed service" in report.read_text()
         report.unlink()
-    assert time.monotonic() - killed_at < 60  # JAX's client sees the service gone within a second or so
+    # How soon the survivors stop is bounded by communicate(timeout=...) above, not asserted as a wall-clock
+    # figure here: a loaded CI machine must not fail the test.
     assert not out.exists()  # no manifest: nothing half-written
     with FeatureFile(parts.part_path(out, 0, 3)) as part:  # process 0's part kept what it had written
         assert 0 < part.split("train", require_complete=False).rows_done < total
@@ -679,7 +679,7 @@ def test_a_signal_to_the_supervisor_reaches_its_child_and_leaves_no_orphan(sent,
     child = int(supervisor.stdout.readline())
     supervisor.send_signal(sent)
     assert supervisor.wait(timeout=30) == ends_with
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # PDEATHSIG acts at once; the margin is for a loaded machine
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(child)

@@ -117,5 +117,5 @@ def test_trajectory_options_parse_from_cli_strings_and_are_described(name):
 def test_defaults_keep_the_last_head_at_a_constant_rate(name):
     method = get_method(name)
     assert (method.schedule, method.average) == ("constant", "none")
-    assert trajectory.IterateAverage.of(method, 10) == trajectory.IterateAverage(0.0, 0)
+    assert trajectory.IterateAverage.of(method, 10) == trajectory.IterateAverage(0.0, 9)  # the last head, and no work before it
     assert trajectory.learning_rate(method.lr, method.schedule, 10) == method.lr

@@ -82,8 +82,8 @@ def _data(method: Method, features, labels, num_classes, public_count: int) -> T
 
 def at_budget(method: Method, epsilon: float, data: AuditData, canaries: int) -> Method:
     """The method as a fit at the audited budget runs it (`Method.for_budget`: hyperparameters that follow
-    the budget are chosen from the public n, ε, d and K, here the audit data's)."""
-    return method.for_budget(data.num_examples, epsilon, data.base_dim + canaries, data.num_classes)
+    the budget are chosen from the public n, ε and d, here the audit data's)."""
+    return method.for_budget(data.num_examples, epsilon, data.base_dim + canaries)
 
 
 def claimed_noise_scale(method: Method, epsilon: float, delta: float, num_examples: int,

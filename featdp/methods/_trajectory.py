@@ -67,7 +67,7 @@ class IterateAverage:
             return cls(method.ema_decay, 0)
         if method.average == "tail":
             return cls(1.0, steps - max(1, math.ceil(method.tail_fraction * steps)))
-        return cls(0.0, 0)
+        return cls(0.0, steps - 1)  # the last head: earlier steps need no bookkeeping at all
 
     def init(self, weights: np.ndarray) -> tuple[np.ndarray, float]:
         return np.zeros(np.shape(weights), np.float64), 0.0

@@ -5,7 +5,7 @@ describing its releases, and ``fit(data, noise_scale, releaser)`` that returns t
 the randomness come in as arguments; nothing random is stored on the method. The n a method may use —
 in its event, its defaults and its arithmetic — is public: `data.public_size`, the released count in a
 fit (the true n differs between add-or-remove neighbours and is never used). Hyperparameters that follow
-the budget are filled in by ``for_budget(ñ, ε, d, K)`` before the event is accounted (dp-sgd's
+the budget are filled in by ``for_budget(ñ, ε, d)`` before the event is accounted (dp-sgd's
 ``recipe=auto``): from public values only, so the choice costs no privacy.
 """
 
@@ -51,12 +51,11 @@ class Method:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.clip_norm, self.normalize)
 
-    def for_budget(self, num_examples: float, epsilon: float, feature_dim: int, num_classes: int) -> "Method":
+    def for_budget(self, num_examples: float, epsilon: float, feature_dim: int) -> "Method":
         """The method a fit at this budget runs: `self`, unless a hyperparameter is chosen from the budget.
         Every argument is public: `num_examples` the released count, `epsilon` the method's share of the
-        target, d the file's feature dimension and K its declared class count (a caller without declared
-        classes passes the labels' count, so no method may choose from K alone). Fits, selections and
-        audits call it before `dp_event`."""
+        target, d the feature dimension. (Not K: without declared classes it comes from the labels.)
+        Fits, selections and audits call it before `dp_event`."""
         return self
 
     def dp_event(self, noise_scale: float, num_examples: int) -> events.DpEvent:

@@ -46,7 +46,7 @@ class DPSGD(Method):
     recipe=auto chooses the multi-epoch recipe from the budget instead (`auto_recipe`: the Tramèr–Boneh
     recipe below with C = √d, and epochs and a rate schedule that grow with ñ·ε, chosen on public proxies
     only). A fit, a selection or an audit resolves it with `for_budget` from the released count ñ, the
-    method's share of ε, d and K, all public, before anything is accounted; the head's report lists the
+    method's share of ε and d, all public, before anything is accounted; the head's report lists the
     hyperparameters that ran. Setting a field it chooses beside it is refused.
 
     The multi-epoch recipe of Tramèr & Boneh (Fashion-MNIST ScatterNet: q = 8192/60000, 293 steps ≈ 40
@@ -93,8 +93,8 @@ class DPSGD(Method):
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.recipe == "auto":
-            defaults = {field.name: field.default for field in dataclasses.fields(self)}
-            chosen = [name for name in AUTO_FIELDS if getattr(self, name) != defaults[name]]
+            changed = self.changed_hyperparameters()
+            chosen = [name for name in AUTO_FIELDS if name in changed]
             if chosen:
                 raise ValueError(f"recipe=auto chooses {', '.join(chosen)} from the budget: drop "
                                  f"{'it' if len(chosen) == 1 else 'them'} or use recipe=manual")
@@ -128,10 +128,10 @@ class DPSGD(Method):
     def preprocessing(self):
         if self.recipe == "auto":
             raise ValueError("dp-sgd recipe=auto chooses clip_norm from the budget: resolve it with "
-                             "for_budget(ñ, ε, d, K) first")
+                             "for_budget(ñ, ε, d) first")
         return super().preprocessing()
 
-    def for_budget(self, num_examples, epsilon, feature_dim, num_classes):
+    def for_budget(self, num_examples, epsilon, feature_dim):
         if self.recipe != "auto":
             return self
         return dataclasses.replace(self, recipe="manual", **auto_recipe(num_examples, epsilon, feature_dim))
@@ -140,7 +140,7 @@ class DPSGD(Method):
         """(σ per step, q)."""
         if self.recipe == "auto":
             raise ValueError("dp-sgd recipe=auto is chosen from the budget: resolve it with "
-                             "for_budget(ñ, ε, d, K) before accounting or fitting")
+                             "for_budget(ñ, ε, d) before accounting or fitting")
         q, _ = gradients.expected_batch_size(num_examples, self.batch_size)
         return (noise_scale * np.sqrt(self.steps) if q == 1 else noise_scale), q
 
