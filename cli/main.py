@@ -686,6 +686,31 @@ class _ExtractionProgress:
 
 
 @app.command()
+def combine(
+    features: List[pathlib.Path] = typer.Argument(..., help="Two or more feature files of the same examples: "
+                                                  "same dataset, splits, labels and row order."),
+    out: pathlib.Path = typer.Option(..., "--out", "-o", help="The combined feature file to write."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated share of each row's squared "
+                                          "norm, one per file (normalised to sum 1); default: equal shares."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing --out."),
+):
+    """Join feature files of different backbones row by row into one feature file: each file's part of a row
+    rescaled to norm √weight, so every row has norm 1. Written whole or not at all."""
+    from featdp.combine import combine as run_combine, parse_weights
+    from featdp.featurefile import FeatureFile
+
+    try:
+        shares = parse_weights(weights, len(features))
+        with ProgressDisplay(console) as display:
+            path = run_combine(out, features, weights=shares, overwrite=overwrite, on_progress=display)
+        with FeatureFile(path) as written:
+            dim, names = written.metadata.feature_dim, written.split_names
+    except _user_errors() as error:
+        _fail(str(error))
+    _say(f"wrote {path} (feature dim {dim}; splits {', '.join(names)})")
+
+
+@app.command()
 def backbones():
     """List the registered backbones: feature dimension, input size, checkpoint source."""
     from featdp.extraction.backbones.registry import backbone_specs
