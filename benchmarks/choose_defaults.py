@@ -27,6 +27,7 @@ from bench_synthetic import gaussian_mixture  # noqa: E402
 from tables import finish, seed_accuracies  # noqa: E402
 
 from featdp.data import ArraySource  # noqa: E402
+from featdp.methods.dp_sgd import TRAMER_BONEH_RATE, TRAMER_BONEH_STEP  # noqa: E402
 
 DELTA = 1e-5
 
@@ -49,7 +50,7 @@ def recipe(n: int, d: int, steps: int, clip_norm: float | None = None) -> dict:
     """Tramèr & Boneh's ScatterNet recipe as a function of (n, d): sampling rate q = 8192/60000, C = √d
     (their features had norm ≈ √3969 = 63), C_g = 0.1, lr 16, momentum 0.9, `steps` steps."""
     return {"clip_norm": clip_norm or float(np.sqrt(d)), "steps": steps,
-            "batch_size": max(1, round(n * 8192 / 60000)), "grad_clip": 0.1, "lr": 16.0, "momentum": 0.9}
+            "batch_size": max(1, round(n * TRAMER_BONEH_RATE)), **TRAMER_BONEH_STEP}
 
 
 def candidates(n: int, d: int) -> dict[str, tuple[str, dict]]:

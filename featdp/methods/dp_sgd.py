@@ -188,11 +188,16 @@ def _optimizer_step(method: DPSGD):
     return optimizer, jax.jit(step)
 
 
+# Tramèr & Boneh's Fashion-MNIST ScatterNet recipe: sampling rate, per-example gradient bound, rate, momentum.
+TRAMER_BONEH_RATE = 8192 / 60000
+TRAMER_BONEH_STEP = {"grad_clip": 0.1, "lr": 16.0, "momentum": 0.9}
+
+
 def tramer_boneh_recipe(num_examples: int) -> dict:
     """Hyperparameters of the Tramèr–Boneh ScatterNet recipe (class docstring), with the batch scaled to
     keep their sampling rate q = 8192/60000 on `num_examples` rows."""
-    batch = max(1, round(num_examples * 8192 / 60000))
-    return {"clip_norm": 63.0, "steps": 293, "batch_size": batch, "grad_clip": 0.1, "lr": 16.0, "momentum": 0.9}
+    batch = max(1, round(num_examples * TRAMER_BONEH_RATE))
+    return {"clip_norm": 63.0, "steps": 293, "batch_size": batch, **TRAMER_BONEH_STEP}
 
 
 # recipe=auto's epochs and rate schedule by budget ñ·ε: (ñ·ε below, epochs, schedule), first match wins.
@@ -220,7 +225,6 @@ def auto_recipe(num_examples: float, epsilon: float, feature_dim: int) -> dict:
 def recipe_for_epochs(num_examples: float, feature_dim: int, epochs: float, schedule: str) -> dict:
     """The Tramèr–Boneh recipe (sampling rate q = 8192/60000, C_g = 0.1, lr 16, momentum 0.9) for `epochs`
     epochs with the rate `schedule`, and C = √d, as their features had norm ≈ √3969."""
-    q = 8192 / 60000
+    q = TRAMER_BONEH_RATE
     return {"clip_norm": math.sqrt(feature_dim), "steps": max(1, round(epochs / q)),
-            "batch_size": max(1, round(num_examples * q)), "grad_clip": 0.1, "lr": 16.0, "momentum": 0.9,
-            "schedule": schedule}
+            "batch_size": max(1, round(num_examples * q)), **TRAMER_BONEH_STEP, "schedule": schedule}
