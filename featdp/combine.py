@@ -84,6 +84,8 @@ def combine(
     if out.resolve() in resolved:
         raise CombineError(f"{out}: the output would replace one of its own sources; choose another --out")
     shares = parse_weights(None, len(paths)) if weights is None else _normalised(weights, len(paths))
+    if out.is_dir():
+        raise FeatureFileError(f"{out}: is a directory; the output must be a file path (e.g. {out / 'combined.h5'})")
     with FeatureFileLock(out):
         if out.exists() and not overwrite:
             raise FeatureFileError(f"{out}: file exists; pass --overwrite to replace it")
@@ -95,7 +97,10 @@ def combine(
                 with FeatureWriter(tmp, overwrite=True, **metadata) as writer:
                     for name in files[0].split_names:
                         _combine_split(writer, name, files, shares, block_rows, on_progress)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except OSError as exc:
+                    raise FeatureFileError(f"{out}: cannot write it: {exc.strerror}") from None
             except BaseException as exc:
                 tmp.unlink(missing_ok=True)
                 if isinstance(exc, FeatureFileError):

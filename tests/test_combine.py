@@ -155,6 +155,8 @@ def test_the_request_itself_is_checked(tmp_path):
         combine(existing, [a, b])
     assert existing.read_bytes() == b"keep"
     combine(existing, [a, b], overwrite=True)
+    with pytest.raises(FeatureFileError, match="is a directory"):
+        combine(tmp_path, [a, b], overwrite=True)
     with FeatureFile(existing) as joined:
         assert joined.metadata.feature_dim == 12
 
