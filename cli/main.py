@@ -472,7 +472,8 @@ def _print_white_box(result) -> None:
 @app.command()
 def demo(
     out: pathlib.Path = typer.Option(pathlib.Path("runs/demo"), "--out", help="Directory for the feature file and every head and privacy report."),
-    backbone: str = typer.Option("scatternet", "--backbone", "-b", help="See `featdp backbones`."),
+    backbone: str = typer.Option("scatternet", "--backbone", "-b", help="See `featdp backbones`; several joined "
+                                 "by '+' (e.g. scatternet+efficientnet-lite0) are each extracted, then combined."),
     eps: str = typer.Option("1,3", "--eps", help="Comma-separated epsilons."),
     delta: float = typer.Option(1e-5, "--delta", help="Delta of every private fit."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images per split (a file of its own)."),
@@ -490,17 +491,26 @@ def demo(
     except (*_user_errors(), *_extraction_errors()) as error:
         _fail(str(error))
     size = f"(first {limit} images per split) " if limit else ""
-    console.print(f"[bold]1/2[/] extracting Fashion-MNIST {size}with {escape(backbone)} into "
-                  f"{escape(str(job.features))} (resumable; reused when complete)", highlight=False, soft_wrap=True)
     started = time.perf_counter()
-    try:
-        with ProgressDisplay(console) as display:
-            extraction = _ExtractionProgress(display)
-            job.extract(on_progress=extraction)
-    except _extraction_errors() as error:
-        _fail(str(error))
-    reused = " (already complete: reused)" if extraction.already_complete else ""
-    _say(f"    extraction: {time.perf_counter() - started:.0f} s{reused}")
+    for name in job.backbones:
+        console.print(f"[bold]1/2[/] extracting Fashion-MNIST {size}with {escape(name)} into "
+                      f"{escape(str(job.backbone_file(name)))} (resumable; reused when complete)", highlight=False,
+                      soft_wrap=True)
+        extracting = time.perf_counter()
+        try:
+            with ProgressDisplay(console) as display:
+                extraction = _ExtractionProgress(display)  # one per file: each has its own train and test
+                job.extract_backbone(name, on_progress=extraction)
+        except _extraction_errors() as error:
+            _fail(str(error))
+        reused = " (already complete: reused)" if extraction.already_complete else ""
+        _say(f"    extraction: {time.perf_counter() - extracting:.0f} s{reused}")
+    if len(job.backbones) > 1:
+        try:
+            job.combine()
+        except _user_errors() as error:
+            _fail(str(error))
+        _say(f"    combined into {job.features} (each backbone's part of a row at an equal share of its norm)")
     console.print(f"[bold]2/2[/] fitting every method at ε ∈ {{{', '.join(f'{e:g}' for e in job.epsilons)}}}, "
                   f"δ = {delta:g} (noise from the OS); each row as it finishes:", highlight=False, soft_wrap=True)
     table = Table("method", *[f"ε={e:g}" for e in job.epsilons], "fit s (each)",

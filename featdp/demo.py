@@ -37,7 +37,7 @@ class Demo:
     """The demo's public settings, checked when built, and its two steps: `extract`, then `rows`."""
 
     out: pathlib.Path = pathlib.Path("runs/demo")
-    backbone: str = "scatternet"
+    backbone: str = "scatternet"  # or several joined by "+": each extracted, then combined (`featdp combine`)
     epsilons: tuple[float, ...] = (1.0, 3.0)  # each private method is fitted at each
     delta: float = 1e-5
     limit: int | None = None  # at most this many images per split
@@ -55,12 +55,26 @@ class Demo:
             check_privacy_parameters(epsilon, self.delta)
         if self.limit is not None and self.limit < 1:
             raise ExtractError(f"limit must be ≥ 1, got {self.limit}")
+        names = self.backbones
+        if not all(names) or len(set(names)) != len(names):
+            raise ExtractError(f"backbone {self.backbone!r}: name one backbone, or several different ones joined "
+                               "by '+' (e.g. scatternet+efficientnet-lite0)")
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The backbones whose features the demo fits on: one, or several to be combined."""
+        return tuple(self.backbone.split("+"))
+
+    def backbone_file(self, backbone: str) -> pathlib.Path:
+        """Where `backbone`'s own features go: one file per (backbone, limit)."""
+        suffix = f"_first{self.limit}" if self.limit else ""
+        return pathlib.Path(self.out) / f"fashion_mnist_{backbone}{suffix}.h5"
 
     @property
     def features(self) -> pathlib.Path:
-        """One file per (backbone, limit): a quick `limit` run neither clashes with nor replaces the full file."""
-        suffix = f"_first{self.limit}" if self.limit else ""
-        return pathlib.Path(self.out) / f"fashion_mnist_{self.backbone}{suffix}.h5"
+        """The file the methods are fitted on, one per (backbones, limit): a quick `limit` run neither clashes
+        with nor replaces the full file."""
+        return self.backbone_file(self.backbone)
 
     @property
     def recipe(self) -> dict:
@@ -78,18 +92,32 @@ class Demo:
     @property
     def published(self) -> str | None:
         """The published figure this run compares with: only the full dataset with ScatterNet matches it."""
-        return PUBLISHED if self.backbone == "scatternet" and not self.limit else None
+        return PUBLISHED if "scatternet" in self.backbones and not self.limit else None
 
     def extract(self, on_progress: Callable | None = None) -> pathlib.Path:
         """Writes the feature file, or finishes or reuses it (extraction is resumable); returns its path.
-        `on_progress` receives `featdp.extraction.extract.SplitProgress` updates."""
+        `on_progress` receives `featdp.extraction.extract.SplitProgress` updates. Several backbones: each is
+        extracted (`extract_backbone`), then they are combined (`combine`)."""
+        for backbone in self.backbones:
+            self.extract_backbone(backbone, on_progress)
+        return self.combine() if len(self.backbones) > 1 else self.features
+
+    def extract_backbone(self, backbone: str, on_progress: Callable | None = None) -> pathlib.Path:
+        """Writes, finishes or reuses `backbone`'s own feature file (`backbone_file`); returns its path."""
         from featdp.extraction.extract import ExtractConfig, extract
 
         pathlib.Path(self.out).mkdir(parents=True, exist_ok=True)
-        config = ExtractConfig(backbone=self.backbone, dataset="fashion_mnist", out=self.features,
+        config = ExtractConfig(backbone=backbone, dataset="fashion_mnist", out=self.backbone_file(backbone),
                                limit=self.limit, data_dir=None if self.data_dir is None else str(self.data_dir),
                                batch_size=min(512, self.limit or 512))
         return extract(config, on_progress=on_progress)
+
+    def combine(self) -> pathlib.Path:
+        """Joins the backbones' files into `features` at equal shares (`featdp.combine`), replacing an older
+        join (it takes seconds, and its sources may have been re-extracted since)."""
+        from featdp.combine import combine
+
+        return combine(self.features, [self.backbone_file(b) for b in self.backbones], overwrite=True)
 
     def rows(self) -> Iterator[DemoRow]:
         """Fits every private method at its defaults at each ε, then DP-SGD with recipe=auto and with the

@@ -233,6 +233,26 @@ def test_demo_runs_the_main_job_and_reuses_its_features(tmp_path):
     assert again[0] == created and np.array_equal(again[1], rows)
 
 
+def test_demo_with_two_backbones_extracts_each_then_fits_on_their_combination(tmp_path, monkeypatch):
+    from featdp.demo import Demo
+    from featdp.featurefile import FeatureFile
+
+    fitted_on = []
+    monkeypatch.setattr(Demo, "rows", lambda self: fitted_on.append(self.features) or iter(()))
+    data = _fashion_mnist_idx(tmp_path / "fm", n_train=24, n_test=12)
+    out = tmp_path / "runs"
+    result = invoke("demo", "--backbone", "scatternet+efficientnet-lite0", "--data-dir", data, "--out", out,
+                    "--limit", 12, "--eps", 1)
+    assert result.exit_code == 0, result.output
+    combined = out / "fashion_mnist_scatternet+efficientnet-lite0_first12.h5"
+    assert fitted_on == [combined] and f"combined into {combined}" in result.output
+    assert result.output.count("extracting Fashion-MNIST") == 2
+    with FeatureFile(combined) as joined:
+        assert joined.metadata.feature_dim == 3969 + 1280
+        assert joined.metadata.backbone == "scatternet+efficientnet-lite0"
+        assert joined.split("train").num_examples == 12
+
+
 # --- untrusted input, crashes: every failure an `error:` line with exit code 2, none after the work ----------
 
 

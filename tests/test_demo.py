@@ -61,3 +61,19 @@ def test_the_recipe_command_and_the_published_figure_follow_the_settings(tmp_pat
                                      "batch_size=8192 --set grad_clip=0.1 --set lr=16 --set momentum=0.9")
     assert "89.7%" in full.published
     assert Demo(out=tmp_path, limit=100).published is None and Demo(out=tmp_path, backbone="x").published is None
+
+
+@pytest.mark.parametrize("backbone", ["scatternet+", "+scatternet", "scatternet+scatternet"])
+def test_a_combination_names_different_backbones(tmp_path, backbone):
+    from featdp.extraction.extract import ExtractError
+
+    with pytest.raises(ExtractError, match="joined by '\\+'"):
+        Demo(out=tmp_path, backbone=backbone)
+
+
+def test_several_backbones_get_a_file_each_and_the_methods_their_combination(tmp_path):
+    demo = Demo(out=tmp_path, backbone="scatternet+efficientnet-lite0", limit=30)
+    assert demo.backbones == ("scatternet", "efficientnet-lite0")
+    assert demo.features.name == "fashion_mnist_scatternet+efficientnet-lite0_first30.h5"
+    assert demo.backbone_file("scatternet").name == "fashion_mnist_scatternet_first30.h5"
+    assert "89.7%" in Demo(out=tmp_path, backbone="scatternet+efficientnet-lite0").published
