@@ -19,6 +19,11 @@ rows (N = n·V) and are multiples of V. A split without the attribute holds one 
 file written before views existed reads as it always did. Whoever fits on such a split must treat the V
 rows of an example as one record of the neighbouring relation.
 
+A combined file (`featdp combine`, `featdp.combine`) is an ordinary feature file: its rows join those of
+several files of the same examples, its `backbone`, `checkpoint` and `checkpoint_sha256` are theirs joined
+by '+', and its `preprocessing` is {"combined": [one entry per source: file, weight, feature_dim, backbone,
+checkpoint, checkpoint_sha256, image_size, preprocessing, created_utc, featdp_version], "rows": ...}.
+
 The part files of a sharded feature file (written by `featdp extract` with several processes) also carry
 the root attribute `part` (JSON: run_id, index, count, first_rows); the manifest that lists them is
 specified in `featdp.featurefile_parts`, and `FeatureFile` reads either kind.
