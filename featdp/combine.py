@@ -22,12 +22,11 @@ import contextlib
 import math
 import os
 import pathlib
-import uuid
 from typing import Callable, Sequence
 
 import numpy as np
 
-from featdp.featurefile import FeatureFile, FeatureFileError, FeatureFileLock, FeatureWriter
+from featdp.featurefile import FeatureFile, FeatureFileError, FeatureFileLock, FeatureWriter, written_whole
 from featdp.progress import Update
 
 BLOCK_ROWS = 8192
@@ -92,21 +91,9 @@ def combine(
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(FeatureFile(path)) for path in paths]
             metadata = _joint_metadata(files, shares)
-            tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
-            try:
-                with FeatureWriter(tmp, overwrite=True, **metadata) as writer:
-                    for name in files[0].split_names:
-                        _combine_split(writer, name, files, shares, block_rows, on_progress)
-                try:
-                    os.replace(tmp, out)
-                except OSError as exc:
-                    raise FeatureFileError(f"{out}: cannot write it: {exc.strerror}") from None
-            except BaseException as exc:
-                tmp.unlink(missing_ok=True)
-                if isinstance(exc, FeatureFileError):
-                    # Name the destination, not the temporary file the user never asked for.
-                    raise type(exc)(str(exc).replace(str(tmp), str(out))) from None
-                raise
+            with written_whole(out) as tmp, FeatureWriter(tmp, overwrite=True, **metadata) as writer:
+                for name in files[0].split_names:
+                    _combine_split(writer, name, files, shares, block_rows, on_progress)
     return out
 
 

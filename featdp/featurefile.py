@@ -50,6 +50,7 @@ A feature file may come from anyone, so opening one trusts nothing in it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -1146,34 +1147,44 @@ def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata
             raise _error(path, "num_classes cannot be inferred from empty splits; pass it")
         num_classes = max(sizes)
 
-    # Same directory, so the final rename is atomic; h5py creates it, so the umask sets its mode.
+    with written_whole(path) as tmp, FeatureWriter(tmp, num_classes=num_classes, overwrite=True, **metadata) as writer:
+        for name, (x, y) in arrays.items():
+            if x.ndim not in (2, 3) or y.shape != (x.shape[0],):
+                raise _error(
+                    path, f"split {name!r}: features {x.shape} and labels {y.shape} must be (n, D) or "
+                    "(n, views, D), and (n,)"
+                )
+            n = x.shape[0]
+            views = x.shape[1] if x.ndim == 3 else 1
+            writer.create_split(name, n * views, dtype=dtype, views=views)
+            step = max(1, _WRITE_BLOCK_ROWS // views)  # whole examples per append
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                rows = x[s:e].reshape(-1, x.shape[-1])  # example-major: views of one example adjacent
+                examples = np.arange(s, e, dtype=np.int64)
+                writer.append(name, rows, np.repeat(y[s:e], views), np.repeat(examples, views))
+            writer.mark_complete(name)
+    return path
+
+
+@contextlib.contextmanager
+def written_whole(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a temporary name beside `path` to write a file under, renamed onto `path` when the block ends
+    and removed if it fails, so `path` appears whole or not at all. A FeatureFileError names `path`, not the
+    temporary name the user never asked for. The caller holds `path`'s lock."""
+    # Same directory, so the final rename is atomic; h5py creates the file, so the umask sets its mode.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with FeatureWriter(tmp, num_classes=num_classes, overwrite=True, **metadata) as writer:
-            for name, (x, y) in arrays.items():
-                if x.ndim not in (2, 3) or y.shape != (x.shape[0],):
-                    raise _error(
-                        path, f"split {name!r}: features {x.shape} and labels {y.shape} must be (n, D) or "
-                        "(n, views, D), and (n,)"
-                    )
-                n = x.shape[0]
-                views = x.shape[1] if x.ndim == 3 else 1
-                writer.create_split(name, n * views, dtype=dtype, views=views)
-                step = max(1, _WRITE_BLOCK_ROWS // views)  # whole examples per append
-                for s in range(0, n, step):
-                    e = min(s + step, n)
-                    rows = x[s:e].reshape(-1, x.shape[-1])  # example-major: views of one example adjacent
-                    examples = np.arange(s, e, dtype=np.int64)
-                    writer.append(name, rows, np.repeat(y[s:e], views), np.repeat(examples, views))
-                writer.mark_complete(name)
-        os.replace(tmp, path)
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _error(path, f"cannot write it: {exc.strerror}") from None
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, FeatureFileError):
-            # Report the destination, not the temporary name the user never asked for.
             raise type(exc)(str(exc).replace(str(tmp), str(path))) from None
         raise
-    return path
 
 
 class Split:
