@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from featdp.featurefile import FeatureFile, FeatureFileError, FeatureFileLock, FeatureWriter, written_whole
+from featdp.featurefile_parts import parts_dir
 from featdp.progress import Update
 
 BLOCK_ROWS = 8192
@@ -54,8 +55,7 @@ def parse_weights(text: str | None, count: int) -> tuple[float, ...]:
     if len(values) != count:
         raise CombineError(f"--weights gives {len(values)} weights ({text!r}) for {count} feature files; give one "
                            "per file")
-    total = math.fsum(values)
-    return tuple(value / total for value in values)
+    return _normalised(values, count)
 
 
 def combine(
@@ -80,8 +80,10 @@ def combine(
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
             raise CombineError(f"{paths[i]} is given twice; combine different feature files")
-    if out.resolve() in resolved:
-        raise CombineError(f"{out}: the output would replace one of its own sources; choose another --out")
+    target = out.resolve()
+    if target in resolved or any(target.parent == parts_dir(path) for path in resolved):
+        raise CombineError(f"{out}: the output would replace one of its own sources (or a part of a sharded "
+                           "source); choose another --out")
     shares = parse_weights(None, len(paths)) if weights is None else _normalised(weights, len(paths))
     if out.is_dir():
         raise FeatureFileError(f"{out}: is a directory; the output must be a file path (e.g. {out / 'combined.h5'})")
@@ -91,18 +93,31 @@ def combine(
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(FeatureFile(path)) for path in paths]
             metadata = _joint_metadata(files, shares)
+            # Every split's shape and index first: a mismatch anywhere is found before anything is written.
+            splits = {name: _matching_splits(name, files) for name in files[0].split_names}
             with written_whole(out) as tmp, FeatureWriter(tmp, overwrite=True, **metadata) as writer:
-                for name in files[0].split_names:
-                    _combine_split(writer, name, files, shares, block_rows, on_progress)
+                for name, (opened, index) in splits.items():
+                    _combine_split(writer, name, files, opened, index, shares, block_rows, on_progress)
     return out
 
 
+# A share this far below the largest would scale its backbone's part to (nearly) nothing in float16/float32.
+SMALLEST_SHARE_RATIO = 1e-6
+
+
 def _normalised(weights: Sequence[float], count: int) -> tuple[float, ...]:
+    """The weights as shares summing to 1; CombineError unless `count` positive finite numbers within a factor
+    1/SMALLEST_SHARE_RATIO of each other."""
     values = [float(w) for w in weights]
     if len(values) != count or not all(math.isfinite(v) and v > 0 for v in values):
         raise CombineError(f"weights must be {count} positive finite numbers, one per file, got {list(weights)}")
-    total = math.fsum(values)
-    return tuple(v / total for v in values)
+    largest = max(values)
+    relative = [v / largest for v in values]  # divided first, so that a sum of huge weights cannot overflow
+    if min(relative) < SMALLEST_SHARE_RATIO:
+        raise CombineError(f"weights {list(weights)}: {min(values)!r} is below {SMALLEST_SHARE_RATIO:g} of the "
+                           "largest, so its backbone would contribute nothing; leave that file out instead")
+    total = math.fsum(relative)
+    return tuple(v / total for v in relative)
 
 
 def _joint_metadata(files: list[FeatureFile], shares: tuple[float, ...]) -> dict:
@@ -155,8 +170,9 @@ def _joint_metadata(files: list[FeatureFile], shares: tuple[float, ...]) -> dict
     )
 
 
-def _combine_split(writer: FeatureWriter, name: str, files: list[FeatureFile], shares: tuple[float, ...],
-                   block_rows: int, on_progress) -> None:
+def _matching_splits(name: str, files: list[FeatureFile]) -> tuple[list, np.ndarray]:
+    """Split `name` of every source and their common index; CombineError unless each holds one view per
+    example, the same number of rows and the same index, row by row."""
     splits = [f.split(name) for f in files]
     first = splits[0]
     for split, f in zip(splits, files):
@@ -170,8 +186,15 @@ def _combine_split(writer: FeatureWriter, name: str, files: list[FeatureFile], s
     index = first.read_index()
     for split, f in zip(splits[1:], files[1:]):
         _require_equal(index, split.read_index(), "index", name, f.path, files[0].path, 0)
+    return splits, index
+
+
+def _combine_split(writer: FeatureWriter, name: str, files: list[FeatureFile], splits: list, index: np.ndarray,
+                   shares: tuple[float, ...], block_rows: int, on_progress) -> None:
+    """Writes split `name`: each row the sources' rows at their shares (module docstring), after checking
+    that the sources' labels agree row by row."""
     dtype = "float32" if any(np.dtype(s.dtype) == np.float32 for s in splits) else "float16"
-    n = first.num_examples
+    n = splits[0].num_examples
     writer.create_split(name, n, dtype=dtype)
     scales = [np.float32(math.sqrt(share)) for share in shares]
     done = 0
@@ -188,6 +211,8 @@ def _combine_split(writer: FeatureWriter, name: str, files: list[FeatureFile], s
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of `x` divided by its norm (a zero row stays zero), as float32."""
+    # Norms in float64: squares of large float32 features would overflow.
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     scale = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-300), 0.0)
     return (x * scale[:, None]).astype(np.float32)

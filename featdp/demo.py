@@ -44,7 +44,8 @@ class Demo:
     data_dir: str | os.PathLike | None = None  # folder of the Fashion-MNIST IDX files; None: Debian's
 
     def __post_init__(self):
-        """Refuses a bad ε, δ or limit (`PrivacyParameterError`, `ExtractError`) before any work is done."""
+        """Refuses a bad ε, δ, limit or backbone (`PrivacyParameterError`, `ExtractError`, `BackboneError`)
+        before any work is done."""
         from featdp.accounting import PrivacyParameterError, check_privacy_parameters
         from featdp.extraction.extract import ExtractError
 
@@ -59,6 +60,10 @@ class Demo:
         if not all(names) or len(set(names)) != len(names):
             raise ExtractError(f"backbone {self.backbone!r}: name one backbone, or several different ones joined "
                                "by '+' (e.g. scatternet+efficientnet-lite0)")
+        from featdp.extraction.backbones.registry import get_backbone_spec
+
+        for name in names:  # all of them now: not after a first backbone's extraction
+            get_backbone_spec(name)
 
     @property
     def backbones(self) -> tuple[str, ...]:
@@ -91,7 +96,8 @@ class Demo:
 
     @property
     def published(self) -> str | None:
-        """The published figure this run compares with: only the full dataset with ScatterNet matches it."""
+        """The published figure this run compares with (ScatterNet + linear head): shown for the full dataset
+        with ScatterNet among the backbones."""
         return PUBLISHED if "scatternet" in self.backbones and not self.limit else None
 
     def extract(self, on_progress: Callable | None = None) -> pathlib.Path:

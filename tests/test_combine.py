@@ -162,7 +162,7 @@ def test_the_request_itself_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize("text, count, expected", [
-    (None, 3, (1 / 3,) * 3), ("1,3", 2, (0.25, 0.75)), (" 2 , 2 ", 2, (0.5, 0.5)),
+    (None, 3, (1 / 3,) * 3), ("1,3", 2, (0.25, 0.75)), (" 2 , 2 ", 2, (0.5, 0.5)), ("1e308,1e308", 2, (0.5, 0.5)),
 ])
 def test_parse_weights(text, count, expected):
     np.testing.assert_allclose(parse_weights(text, count), expected)
@@ -170,7 +170,7 @@ def test_parse_weights(text, count, expected):
 
 @pytest.mark.parametrize("text, message", [
     ("1,x", "'x' is not a number"), ("1,-1", "positive finite"), ("1,nan", "positive finite"),
-    ("1", "1 weights"), ("1,1,1", "3 weights"),
+    ("1", "1 weights"), ("1,1,1", "3 weights"), ("1e-320,1", "below 1e-06 of the largest"),
 ])
 def test_parse_weights_refuses(text, message):
     with pytest.raises(CombineError, match=message):
@@ -213,3 +213,64 @@ def test_cli_refuses_a_missing_or_foreign_source_naming_it(tmp_path):
     result = invoke("combine", a, foreign, "--out", tmp_path / "ab.h5")
     assert result.exit_code == 2 and str(foreign) in result.output
     _no_output_left(tmp_path, tmp_path / "ab.h5")
+
+
+def test_an_output_in_a_sharded_sources_parts_or_linked_to_a_source_is_refused(tmp_path):
+    (x, y), (xo, _) = _examples(20, 5, 0), _examples(20, 3, 1)
+    sharded = parts.write_parts(tmp_path / "sharded.h5", {"train": (x, y)}, 2, num_classes=3)
+    other = write_features(tmp_path / "other.h5", {"train": (xo, y)}, num_classes=3)
+    part = next(parts.parts_dir(sharded).iterdir())
+    before = part.read_bytes()
+    with pytest.raises(CombineError, match="a part of a sharded source"):
+        combine(part, [sharded, other], overwrite=True)
+    assert part.read_bytes() == before
+    link = tmp_path / "link.h5"
+    link.symlink_to(other)
+    with pytest.raises(CombineError, match="replace one of its own sources"):
+        combine(link, [sharded, other], overwrite=True)
+
+
+def test_a_mismatch_in_a_later_split_is_found_before_anything_is_written_and_an_old_output_survives(
+        tmp_path, monkeypatch):
+    a, b, *_ = _pair(tmp_path)
+    out = combine(tmp_path / "ab.h5", [a, b])
+    before = out.read_bytes()
+    _rewrite(b, "train", "index", lambda v: v.__setitem__(0, 999))  # "test" comes first, "train" second
+    writes = []
+    import featdp.combine
+
+    real = featdp.combine._combine_split
+    monkeypatch.setattr(featdp.combine, "_combine_split",
+                        lambda *args, **kwargs: writes.append(args[1]) or real(*args, **kwargs))
+    with pytest.raises(CombineError, match="split 'train', row 0: index 999"):
+        combine(out, [a, b], overwrite=True)
+    assert writes == [] and out.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_an_empty_split_combines_to_an_empty_split(tmp_path):
+    (xa, y), (xb, _) = _examples(10, 4, 0), _examples(10, 6, 1)
+    empty = lambda d: (np.zeros((0, d), np.float32), np.zeros(0, np.int64))  # noqa: E731
+    a = write_features(tmp_path / "a.h5", {"train": (xa, y), "extra": empty(4)}, num_classes=3)
+    b = write_features(tmp_path / "b.h5", {"train": (xb, y), "extra": empty(6)}, num_classes=3)
+    with FeatureFile(combine(tmp_path / "ab.h5", [a, b])) as joined:
+        assert joined.split("extra").num_examples == 0 and joined.split("train").num_examples == 10
+
+
+def test_a_failing_rename_is_an_error_naming_the_destination_and_leaves_nothing(tmp_path, monkeypatch):
+    import os
+
+    a, b, *_ = _pair(tmp_path)
+    out = tmp_path / "ab.h5"
+    out.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(FeatureFileError, match=f"{out}: cannot write it: Permission denied"):
+        combine(out, [a, b], overwrite=True)
+    with pytest.raises(FeatureFileError, match="cannot write it"):
+        write_features(tmp_path / "w.h5", {"train": _examples(5, 2, 0)}, num_classes=3)
+    assert out.read_bytes() == b"old" and not (tmp_path / "w.h5").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".lock"))]

@@ -60,7 +60,8 @@ def test_the_recipe_command_and_the_published_figure_follow_the_settings(tmp_pat
     assert full.recipe_command() == ("featdp fit --method dp-sgd --set clip_norm=63 --set steps=293 --set "
                                      "batch_size=8192 --set grad_clip=0.1 --set lr=16 --set momentum=0.9")
     assert "89.7%" in full.published
-    assert Demo(out=tmp_path, limit=100).published is None and Demo(out=tmp_path, backbone="x").published is None
+    assert Demo(out=tmp_path, limit=100).published is None
+    assert Demo(out=tmp_path, backbone="efficientnet-lite0").published is None
 
 
 @pytest.mark.parametrize("backbone", ["scatternet+", "+scatternet", "scatternet+scatternet"])
@@ -77,3 +78,11 @@ def test_several_backbones_get_a_file_each_and_the_methods_their_combination(tmp
     assert demo.features.name == "fashion_mnist_scatternet+efficientnet-lite0_first30.h5"
     assert demo.backbone_file("scatternet").name == "fashion_mnist_scatternet_first30.h5"
     assert "89.7%" in Demo(out=tmp_path, backbone="scatternet+efficientnet-lite0").published
+
+
+def test_every_backbone_of_a_combination_is_known_before_any_extraction(tmp_path):
+    from featdp.extraction.backbones.registry import BackboneError
+
+    with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
+        Demo(out=tmp_path / "d", backbone="scatternet+nope")
+    assert not (tmp_path / "d").exists()
