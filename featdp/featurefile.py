@@ -1171,7 +1171,8 @@ def _write_features_locked(path, splits, num_classes, dtype, overwrite, metadata
 def written_whole(path: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields a temporary name beside `path` to write a file under, renamed onto `path` when the block ends
     and removed if it fails, so `path` appears whole or not at all. A FeatureFileError names `path`, not the
-    temporary name the user never asked for. The caller holds `path`'s lock."""
+    temporary name the user never asked for; an OSError while writing becomes one. The caller holds `path`'s
+    lock."""
     # Same directory, so the final rename is atomic; h5py creates the file, so the umask sets its mode.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -1184,6 +1185,8 @@ def written_whole(path: pathlib.Path) -> Iterator[pathlib.Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, FeatureFileError):
             raise type(exc)(str(exc).replace(str(tmp), str(path))) from None
+        if isinstance(exc, OSError):  # a full disk, a lost mount: the user's problem to fix, not a traceback
+            raise _error(path, f"cannot write it: {str(exc).replace(str(tmp), str(path))}") from None
         raise
 
 

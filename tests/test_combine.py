@@ -274,3 +274,18 @@ def test_a_failing_rename_is_an_error_naming_the_destination_and_leaves_nothing(
         write_features(tmp_path / "w.h5", {"train": _examples(5, 2, 0)}, num_classes=3)
     assert out.read_bytes() == b"old" and not (tmp_path / "w.h5").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_a_write_that_fails_midway_is_an_error_naming_the_destination_and_leaves_nothing(tmp_path, monkeypatch):
+    from featdp.featurefile import FeatureWriter
+
+    a, b, *_ = _pair(tmp_path)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureWriter, "append", full_disk)
+    out = tmp_path / "ab.h5"
+    with pytest.raises(FeatureFileError, match=f"{out}: cannot write it: .*No space left on device"):
+        combine(out, [a, b])
+    _no_output_left(tmp_path, out)
