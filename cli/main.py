@@ -354,6 +354,7 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), he
                 text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
                 table.add_row(Text(key), Text(text if len(text) < 200 else text[:197] + "..."))
             console.print(table)
+            _print_combined_sources(handle.metadata.preprocessing)
             opened = [handle.split(name, require_complete=False) for name in handle.split_names]
             # A views column only where a split holds augmented views: a one-view file prints as it always did.
             with_views = any(split.views_per_example > 1 for split in opened)
@@ -373,6 +374,19 @@ def info(features: pathlib.Path = typer.Argument(pathlib.Path("features.h5"), he
             console.print(splits)
     except _user_errors() as error:
         _fail(str(error))
+
+
+def _print_combined_sources(preprocessing: dict) -> None:
+    """A combined file's sources (`featdp combine`), one row each, when its metadata lists them."""
+    sources = preprocessing.get("combined") if isinstance(preprocessing, dict) else None
+    if not isinstance(sources, list) or not all(isinstance(source, dict) for source in sources):
+        return
+    table = Table("combined from", "backbone", "dim", "share", title=Text("sources (featdp combine)"))
+    for source in sources:
+        weight = source.get("weight")
+        table.add_row(*(Text(str(source.get(key, ""))) for key in ("file", "backbone", "feature_dim")),
+                      f"{weight:.4g}" if isinstance(weight, (int, float)) else Text(str(weight)))
+    console.print(table)
 
 
 @app.command()

@@ -185,6 +185,10 @@ def test_cli_combines_and_the_result_fits(tmp_path):
     assert f"wrote {out}" in result.output and "feature dim 12" in result.output
     info = invoke("info", out)
     assert info.exit_code == 0 and "alpha+beta" in info.output
+    sources = [line.split("│")[1:-1] for line in info.output.splitlines()
+               if line.startswith("│") and line.split("│")[1].strip() in ("a.h5", "b.h5")]
+    assert [[cell.strip() for cell in row] for row in sources] == [["a.h5", "alpha", "5", "0.5"],
+                                                                   ["b.h5", "beta", "7", "0.5"]]
     fitted = invoke("fit", out, "--method", "dp-sgd", "--eps", "1", "--seed", "0", "--out", tmp_path / "head")
     assert fitted.exit_code == 0, fitted.output
     assert np.load(tmp_path / "head" / "head.npz")["weights"].shape[0] == 12
