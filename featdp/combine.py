@@ -4,8 +4,8 @@ Each source's part of a row is rescaled to norm √w_s, with weights w_s > 0 tha
 so every combined row has norm 1 (less only where a source's row is zero, which stays zero) and each
 backbone holds its share of the row whatever its raw scale. The map acts on each example alone and its form
 is fixed before any data is read, so a fit on the combined file is private exactly as a fit on any feature
-file is: stage two still rescales every row to the clip norm, and the weights only decide how that norm is
-shared between backbones.
+file is: stage two still bounds every row by the clip norm, and the weights only decide how a row's norm
+is shared between backbones.
 
 The sources must hold the same examples in the same order: the same split names, classes and dataset, the
 same source fingerprint where both record one, and in every split the same labels and the same index, row
