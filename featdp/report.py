@@ -26,7 +26,7 @@ import numpy as np
 from dp_accounting import dp_event as events
 
 import featdp
-from featdp import accounting, integer_gaussian, mechanism
+from featdp import accounting, centering, integer_gaussian, mechanism
 from featdp.training import FitResult
 
 HEAD_FILE = "head.npz"
@@ -69,6 +69,8 @@ def privacy_report(result: FitResult, **extra) -> dict[str, Any]:
             public=_public_inputs(result),
             sampler=_sampler(result, privacy),
         )
+        if result.center_noise_multiplier is not None:
+            report["center"] = _centring(result)
         if result.budget_choice is not None:
             # e.g. dp-sgd recipe=auto: `hyperparameters` holds what ran, this what was asked and from what.
             report["hyperparameters_from_budget"] = result.budget_choice
@@ -113,6 +115,18 @@ def _public_inputs(result: FitResult) -> dict[str, str]:
                            "count, the method's epsilon and feature_dim only; selection on private data needs "
                            "`featdp tune`",
         "feature_dim": "public: the backbone's output dimension",
+    }
+
+
+def _centring(result: FitResult) -> dict[str, Any]:
+    return {
+        "share": result.method.center,
+        "release": centering.RELEASE_NAME,
+        "noise_multiplier": result.center_noise_multiplier,
+        "sensitivity": result.method.clip_norm,
+        "what": "the sum of the preprocessed train rows (an example: the average of its views), divided by the "
+                "released count; every row is centred on it and preprocessed again, and head.npz's `center` "
+                "holds it. Its Gaussian is part of dp_event, calibrated together with the method's",
     }
 
 
@@ -269,6 +283,8 @@ class OutputDirectory:
             weights=result.weights,
             clip_norm=preprocessing.clip_norm,
             normalize=preprocessing.normalize,
+            # μ̃ the rows were centred on (featdp/centering.py); empty when they were not.
+            center=np.zeros(0, np.float32) if result.center is None else result.center,
             class_names=np.asarray(class_names if class_names is not None else [], dtype=str),
         )
         head = buffer.getvalue()

@@ -7,6 +7,8 @@ when δ is given), and everything that needs n — the Poisson rate q = B/ñ, me
 the default δ — uses ñ. The count and the method compose by basic composition (ε_c + ε_m, δ_c + δ_m),
 which holds although the method's event may depend on ñ. A share `SAMPLER_RESERVE` of both is kept back
 for the sampler's slack (`mechanism.sampling_slack`), which is added to what the report states.
+With `center` > 0 the method's share also pays for a released mean of the train rows, composed into the
+method's event (featdp/centering.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import numpy as np
 from dp_accounting import dp_event as events
 
-from featdp import accounting, distributed, progress
+from featdp import accounting, centering, distributed, progress
 from featdp.cache import StatisticsCache
 from featdp.accounting import DeltaWarning, PrivacyTarget, default_delta
 from featdp.backend import resolve as resolve_backend
@@ -68,13 +70,20 @@ class PrivacySpent:
 
 
 class LinearHead:
-    """Prediction with a fitted head: argmax_c (Wᵀ preprocess(x))_c. Needs `method` and `weights` (d, K)."""
+    """Prediction with a fitted head: argmax_c (Wᵀ P(x))_c, P the method's preprocessing, or
+    argmax_c (Wᵀ P(P(x) − μ̃))_c when the rows were centred on a released mean μ̃ (`center`,
+    featdp/centering.py). Needs `method` and `weights` (d, K)."""
 
     method: Method
     weights: np.ndarray
+    center: np.ndarray | None = None
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
-        return self.method.preprocessing()(np.asarray(features, np.float32)) @ self.weights
+        preprocess = self.method.preprocessing()
+        rows = preprocess(np.asarray(features, np.float32))
+        if self.center is not None:
+            rows = preprocess(rows - self.center)
+        return rows @ self.weights
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.argmax(self.decision_function(features), axis=1)
@@ -104,6 +113,8 @@ class FitResult(LinearHead):
     views_per_example: int = 1  # rows per example of the train split (augmentation multiplicity)
     # When `Method.for_budget` chose hyperparameters: what was asked for and the public budget it saw.
     budget_choice: dict | None = None
+    center: np.ndarray | None = None  # μ̃ (d,) the rows were centred on (method.center > 0), else None
+    center_noise_multiplier: float | None = None  # σ_c of the mean's release (None: exact or no mean)
 
 
 def release_count(num_examples: int, releaser: ReleaserInterface, epsilon: float, delta: float) -> CountRelease:
@@ -180,11 +191,17 @@ def fit(
     if not method.private:
         progress.report(task, 1, phases, "training")
         start = time.perf_counter()
+        mean = None
+        if method.center:  # a reference centres on the exact mean
+            mean = centering.release_mean(TrainingData(source, method.preprocessing(), public_num_examples=n,
+                                                       **blocks), releaser, None, n)
+            source, cache = centering.centred_source(source, method.preprocessing(), mean), None
         data = TrainingData(source, method.preprocessing(), public_num_examples=n, device=backend, cache=cache,
                             **blocks)
         weights = method.fit(data, 0.0, releaser)
         progress.report(task, phases, phases)
-        return _result(method, weights, n, releaser, None, key.seeded, time.perf_counter() - start)
+        result = _result(method, weights, n, releaser, None, key.seeded, time.perf_counter() - start)
+        return dataclasses.replace(result, center=mean)
     if epsilon is None:
         raise accounting.PrivacyParameterError(f"method {method.name!r} is private: epsilon is required")
     target = PrivacyTarget(epsilon, delta, accountant)
@@ -204,13 +221,24 @@ def fit(
         "requested": requested.changed_hyperparameters(), "released_count": count.value,
         "method_epsilon": method_epsilon, "feature_dim": train.feature_dim}
     progress.report(task, 2, phases, "calibrating the noise")
+    # Centring (featdp/centering.py): the mean's noise is fixed from the budget first; the method's scale is
+    # then calibrated with the mean's Gaussian composed into its event.
+    center_sigma = (centering.center_noise_multiplier(method.center, method_epsilon, method_delta)
+                    if method.center else None)
     calibration = accounting.calibrate(
-        lambda scale: method.dp_event(scale, count.value), method_epsilon, method_delta, accountant
+        lambda scale: centering.with_mean(method.dp_event(scale, count.value), center_sigma), method_epsilon,
+        method_delta, accountant,
     )
-    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend,
-                        cache=cache, **blocks)
     progress.report(task, 3, phases, "training")
     start = time.perf_counter()
+    mean = None
+    if center_sigma is not None:
+        mean = centering.release_mean(TrainingData(source, method.preprocessing(), public_num_examples=count.value,
+                                                   **blocks), releaser, center_sigma, count.value)
+        # The centred rows are this fit's own: nothing about them is shared with other fits.
+        source, cache = centering.centred_source(source, method.preprocessing(), mean), None
+    data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend,
+                        cache=cache, **blocks)
     weights = method.fit(data, calibration.noise_scale, releaser)
     elapsed = time.perf_counter() - start
     progress.report(task, phases, phases)
@@ -227,7 +255,7 @@ def fit(
                            sum(r.coordinates for r in releaser.releases))
     result = _result(method, weights, n, releaser, calibration, key.seeded, elapsed)
     return dataclasses.replace(result, count=count, privacy=privacy, target=target, views_per_example=views,
-                               budget_choice=budget_choice)
+                               budget_choice=budget_choice, center=mean, center_noise_multiplier=center_sigma)
 
 
 def working_memory_bytes(method: Method, dim: int, num_classes: int) -> int:

@@ -93,5 +93,10 @@ def claimed_noise_scale(method: Method, epsilon: float, delta: float, num_exampl
         raise accounting.PrivacyParameterError(
             f"method {method.name!r} is a non-private reference: there is no guarantee to audit"
         )
+    if method.center:
+        raise accounting.PrivacyParameterError(
+            f"center={method.center:g}: the audit examines a method's own releases, not a released mean; "
+            "audit with center=0"
+        )
     calibration = accounting.calibrate(lambda s: method.dp_event(s, num_examples), epsilon, delta, accountant)
     return calibration.noise_scale

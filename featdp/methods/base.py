@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from dp_accounting import dp_event as events
 
+from featdp import centering
 from featdp.data import Preprocessing, TrainingData
 from featdp.mechanism import ReleaserInterface
 
@@ -38,15 +39,19 @@ class Method:
 
     clip_norm: float = 1.0
     normalize: str = "unit"
+    center: float = 0.0
     # One line per hyperparameter, for `featdp methods`; each method adds its own (`hyperparameter_help`).
     descriptions: ClassVar[dict[str, str]] = {
         "clip_norm": "C: every feature vector is brought to norm ≤ C, which bounds every sensitivity",
         "normalize": "unit: rescale every vector to norm C; clip: shorten only those longer than C",
+        "center": "share of the budget spent on releasing the train rows' mean, which every row is then "
+                  "centred on (featdp/centering.py); 0: off",
     }
 
     def __post_init__(self):
         finite_floats(self)
         Preprocessing(self.clip_norm, self.normalize)  # validates clip_norm and normalize
+        centering.check_share(self.center)
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.clip_norm, self.normalize)
