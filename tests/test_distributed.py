@@ -402,6 +402,8 @@ def fit_files(tmp_path_factory):
     ("dp-sgd", {"steps": 4, "batch_size": 60, "lr": 2.0}, False),
     # Hyperparameters chosen from the budget: every process resolves them from the same summed ñ.
     ("dp-sgd", {"recipe": "auto"}, False),
+    # Centring: the mean's sum is summed over the processes before its one release, like every statistic.
+    ("dp-ls", {"center": 0.05}, True),
 ])
 def test_a_3_process_fit_gives_the_1_process_head(fit_files, method, options, exact):
     """Same seed, same head. DP-LS's one pass sums row blocks that are the same on either side (each process's
