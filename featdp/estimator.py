@@ -22,7 +22,9 @@ class DPLinearClassifier(ClassifierMixin, BaseEstimator):
     classes are read from `y` with `np.unique` — which releases the private label set unaccounted (a
     class present in only one example reveals that example), so a warning says so and the report records
     it. Labels outside `classes` are an error. `hyperparameters` are the method's own (`featdp methods`).
-    Fitted attributes: `coef_` (K, d), `classes_`, `privacy_report_` (as written by `featdp fit`).
+    Fitted attributes: `coef_` (K, d), `center_` (d,) or None, `classes_`, `privacy_report_` (as written by
+    `featdp fit`). With ``hyperparameters={"center": f}`` the rows are centred on a released mean `center_`
+    (featdp/centering.py) and the scores are not linear in X: use `decision_function`, not `coef_` alone.
     """
 
     def __init__(self, method="dp-fc", epsilon=1.0, delta=None, seed=None, accountant="pld",
@@ -61,6 +63,7 @@ class DPLinearClassifier(ClassifierMixin, BaseEstimator):
         )
         self.result_ = result
         self.coef_ = result.weights.T
+        self.center_ = result.center
         self.n_features_in_ = result.weights.shape[0]
         self.privacy_report_ = privacy_report(result)
         if self.classes is None and result.method.private:

@@ -21,6 +21,15 @@ def test_estimator_fits_predicts_and_reports():
     assert model.coef_.shape == (3, 10)
     assert model.privacy_report_["epsilon"] <= 4.0
     assert clone(model).get_params()["method"] == "dp-ls"
+    assert model.center_ is None
+
+
+def test_a_centred_estimator_exposes_its_mean_and_predicts_through_it():
+    x, y = make_blobs(n=600, d=10, k=3, spread=0.3)
+    model = featdp.DPLinearClassifier(method="dp-ls", epsilon=4.0, delta=1e-6, seed=0, classes=[0, 1, 2],
+                                      hyperparameters={"center": 0.05}).fit(x + 5, y)
+    assert model.center_.shape == (10,) and model.privacy_report_["center"]["share"] == 0.05
+    assert model.score(x + 5, y) > 0.8
 
 
 def test_estimator_passes_hyperparameters_and_rejects_bad_input():
