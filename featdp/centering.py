@@ -97,8 +97,15 @@ class CentredRows:
 
 
 def centred_source(source: RowSource, preprocessing: Preprocessing, mean: np.ndarray) -> RowSource:
-    """`source`'s rows as P(x) − μ̃: one centred copy in memory when `source` is in memory, else streamed."""
+    """`source`'s rows as P(x) − μ̃: one centred copy in memory when `source` is in memory and the copy fits
+    the memory available, else computed block by block on every pass."""
+    from featdp.featurefile import AllocationError, check_allocation
+
     if not (holds_rows_in_memory(source) and isinstance(source, ArraySource)):
+        return CentredRows(source, preprocessing, mean)
+    try:
+        check_allocation(source.features.nbytes, "the centred train rows")
+    except AllocationError:
         return CentredRows(source, preprocessing, mean)
     out = np.empty_like(source.features)
     step = max(1, (32 << 20) // (4 * max(source.feature_dim, 1)))
