@@ -22,17 +22,25 @@ The algorithm, in the order it runs:
    (geometric: 19%) and runs past 50 runs 3.3% of the time (geometric: 0.5%).
    Each run draws a candidate uniformly from the grid (another AES stream), fits it on the fit part with
    its own key (root.child("run", i)) and releases its score on the validation part:
-   #correct + Gaussian noise (Δ = 1, multiplier σ_run).
+   #correct + Gaussian noise (Δ = 1, multiplier σ_run). A centred candidate (`center` = f > 0,
+   featdp/centering.py) is a fit with centring on the fit part: its run first releases its own mean of the
+   fit part's preprocessed rows (sensitivity C, multiplier σ_run/√f, public size ñ_fit) through the run's
+   releaser, trains on the fit part centred on it, and scores its head through the same map
+   P(P(x) − μ̃) on the validation part (which the mean never reads).
 4. A run's RDP. A neighbour's extra example lies in exactly one part, so a run differs between
    neighbours either in its fit or in its score, never both (parallel composition): its RDP at order α
    is at most max(RDP_fit_j(α), RDP_score(α)) for the candidate j it drew. j is drawn independently of
    the data, and the Rényi divergence of two mixtures with the same weights is at most the largest of
    the components' (joint quasi-convexity), so a run's RDP is at most the per-order maximum over every
    candidate's curve and the score's (`WorstOfDpEvent`; a candidate's curve is `rdp_upper_curve`).
+   A centred candidate's fit event is its method's event composed with the mean's Gaussian at σ_run/√f
+   (`centering.with_mean`, `_run_event`); both rules below plan its scale on that composed event, so a
+   full-batch centred candidate's head keeps the share 1 − f of Gaussian(σ_run)'s precision.
    The noise is planned by two rules, both sound (`plan_noise`), and the one giving the candidates the
    smaller noise scales (geometric mean of the ratios) is used:
    * domination: each candidate's scale is the smallest (to 1e-4) whose RDP is ≤ α/(2σ_run²) at every
-     order α, so the maximum is one Gaussian of multiplier σ_run (full-batch methods: scale σ_run);
+     order α, so the maximum is one Gaussian of multiplier σ_run (full-batch methods: scale σ_run, or
+     σ_run/√(1 − f) when centred);
    * equal standalone privacy: each candidate's scale is the smallest (to 0.1%) at which it alone is as
      private as the score Gaussian(σ_run) in (ε, δ) (RDP, at the selection's δ). A Poisson-subsampled
      candidate then lies above the Gaussian at high orders and below it at low ones, where domination
@@ -84,14 +92,14 @@ from absl import logging as absl_logging
 from dp_accounting import dp_event as events
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from featdp import accounting, integer_gaussian, mechanism, report as report_lib
+from featdp import accounting, centering, integer_gaussian, mechanism, report as report_lib
 from featdp.accounting import PrivacyParameterError, PrivacyTarget
 from featdp.cache import StatisticsCache
 from featdp.data import (
     DEFAULT_BLOCK_ROWS, IN_MEMORY_BUDGET_BYTES, ArraySource, DataError, RowSource, RowSubset, TrainingData, aligned_block_rows, example_count,
     maybe_in_memory, views_per_example,
 )
-from featdp.mechanism import Release, Releaser, independent_coordinates, make_key
+from featdp.mechanism import Release, Releaser, ReleaserInterface, independent_coordinates, make_key
 from featdp.methods import HyperparameterError, Method, get_method, registry
 from featdp.randomness import BitStream
 from featdp.training import (
@@ -99,8 +107,8 @@ from featdp.training import (
 )
 
 __all__ = ["NoisePlan", "Run", "RunsDistribution", "SelectionError", "SelectionResult", "WorstOfDpEvent",
-           "build_candidates", "dominating_noise_scale", "in_validation", "parse_grid", "plan_noise",
-           "release_coordinates", "select", "selection_epsilon", "selection_report"]
+           "build_candidates", "dominating_noise_scale", "in_validation", "mean_noise_multiplier", "parse_grid",
+           "plan_noise", "release_coordinates", "select", "selection_epsilon", "selection_report"]
 
 ACCOUNTANT = "rdp"  # Papernot–Steinke's bound is in Rényi DP; dp-accounting's PLD has no RepeatAndSelect
 DEFAULT_MEAN_RUNS = 10.0
@@ -346,12 +354,6 @@ def build_candidates(methods: Sequence[str], grid: dict[str, list[str]] | None, 
         else:
             found = [get_method(name, **overrides) for overrides in cls.tuning_grid(public_fit_size)]
         for method in found:
-            if method.center:
-                raise SelectionError(
-                    f"center={method.center:g} (method {name!r}): tune does not centre its runs yet (each run "
-                    "would release its own mean, which the runs' accounting does not include); tune without "
-                    "center, then fit the chosen candidate with it"
-                )
             if method not in out:
                 out.append(method)
     return out
@@ -404,19 +406,32 @@ def is_dominated(event: events.DpEvent, sigma: float) -> bool:
     return bool(np.array_equal(orders, event_orders) and np.all(rdp <= bound))
 
 
+def mean_noise_multiplier(method: Method, sigma: float) -> float | None:
+    """σ_c = σ_run/√f of a run's released mean when `method` centres (`center` = f > 0), else None."""
+    return sigma / math.sqrt(method.center) if method.center else None
+
+
+def _run_event(method: Method, scale: float, public_size: float, sigma: float) -> events.DpEvent:
+    """A run's fit event for `method` at noise scale `scale`, σ_run = `sigma`: the method's event, composed
+    with its mean's Gaussian at σ_run/√f when it centres (module docstring, step 4)."""
+    return centering.with_mean(method.dp_event(scale, public_size), mean_noise_multiplier(method, sigma))
+
+
 def dominating_noise_scale(method: Method, sigma: float, public_size: float) -> float:
-    """The smallest noise scale s (to `DOMINATION_TOLERANCE`) with `method.dp_event(s, ñ)` dominated by
-    Gaussian(σ) at every RDP order. Full-batch methods get s = σ (their event is one Gaussian with
-    σ_eff = s, up to float rounding); Poisson-subsampled ones less."""
+    """The smallest noise scale s (to `DOMINATION_TOLERANCE`) with the run's fit event (`_run_event`: the
+    method's event at s on ñ, with the mean's Gaussian at σ/√f when it centres) dominated by Gaussian(σ) at
+    every RDP order. Full-batch methods get s = σ, or σ/√(1 − f) when centred (their event is one Gaussian
+    with σ_eff = s, up to float rounding); Poisson-subsampled ones less."""
 
     def ok(scale: float) -> bool:
-        return is_dominated(method.dp_event(scale, public_size), sigma)
+        return is_dominated(_run_event(method, scale, public_size, sigma), sigma)
 
-    # The event without sampling has a closed-form σ_eff ∝ s, and sampling never raises RDP: start there.
+    # The event without sampling has a closed-form σ_eff ∝ s, and sampling never raises RDP: start there
+    # (a centred run's mean takes the share f of Gaussian(σ)'s precision σ⁻², the head the rest).
     unsampled = accounting.without_sampling(method.dp_event(1.0, public_size))
     exact = accounting.ExactGaussianAccountant()
     if exact.supports(unsampled):
-        hi = sigma / exact.compose(unsampled).effective_sigma
+        hi = sigma / (exact.compose(unsampled).effective_sigma * math.sqrt(1 - method.center))
     else:
         hi = sigma
     while not ok(hi):
@@ -495,7 +510,8 @@ class NoisePlan:
 def domination_plan(candidates: Sequence[Method], distribution: RunsDistribution, budget: float, delta: float,
                     public_size: float) -> NoisePlan:
     """Every run under one Gaussian(σ_run) at every order: σ_run calibrated on
-    RepeatAndSelect(Gaussian(σ_run)), each candidate's scale the least it dominates."""
+    RepeatAndSelect(Gaussian(σ_run)), each candidate's scale the least at which its run's fit event (its
+    mean's Gaussian included) is dominated."""
     make_event = lambda s: distribution.dp_event(events.GaussianDpEvent(s))  # noqa: E731
     calibration = accounting.calibrate(make_event, budget, delta, ACCOUNTANT)
     sigma = calibration.noise_scale
@@ -509,15 +525,16 @@ def _is_full_batch(method: Method, public_size: float) -> bool:
 
 def equal_privacy_scales(candidates: Sequence[Method], sigma: float, delta: float,
                          public_size: float) -> tuple[float, ...]:
-    """Each candidate's least scale (to 0.1%) at which it alone is (ε_σ, δ)-DP in RDP, ε_σ being
-    Gaussian(σ)'s: full-batch candidates get exactly Gaussian(σ)'s σ_eff."""
+    """Each candidate's least scale (to 0.1%) at which its run's fit event (`_run_event`, its mean's
+    Gaussian at σ/√f included) alone is (ε_σ, δ)-DP in RDP, ε_σ being Gaussian(σ)'s: full-batch candidates
+    get exactly Gaussian(σ)'s σ_eff, the head taking the share 1 − f of its precision when centred."""
     target = accounting.epsilon(events.GaussianDpEvent(sigma), delta, ACCOUNTANT)
     scales = []
     for method in candidates:
-        make = functools.partial(method.dp_event, num_examples=public_size)
+        make = functools.partial(_run_event, method, public_size=public_size, sigma=sigma)
         if _is_full_batch(method, public_size):  # σ_eff is linear in the scale
-            exact = accounting.ExactGaussianAccountant().compose(make(1.0))
-            scales.append(sigma / exact.effective_sigma)
+            exact = accounting.ExactGaussianAccountant().compose(method.dp_event(1.0, public_size))
+            scales.append(sigma / (exact.effective_sigma * math.sqrt(1 - method.center)))
         else:
             with _quiet_accountant():
                 scales.append(accounting.calibrate(make, target, delta, ACCOUNTANT).noise_scale)
@@ -536,7 +553,8 @@ def equal_privacy_plan(candidates: Sequence[Method], distribution: RunsDistribut
     @functools.lru_cache(maxsize=None)
     def event_at(sigma: float) -> tuple[tuple[float, ...], events.RepeatAndSelectDpEvent]:
         scales = equal_privacy_scales(candidates, sigma, delta, public_size)
-        parts = [m.dp_event(s, public_size) for m, s in zip(candidates, scales)] + [events.GaussianDpEvent(sigma)]
+        parts = [_run_event(m, s, public_size, sigma) for m, s in zip(candidates, scales)]
+        parts.append(events.GaussianDpEvent(sigma))
         return scales, distribution.dp_event(WorstOfDpEvent(parts))
 
     sigma, epsilon = accounting.calibrate_function(
@@ -601,9 +619,39 @@ def release_coordinates(method: Method, feature_dim: int, num_classes: int, publ
     one `cache` (keeping decompositions only: each dry run's zero row is a new source)."""
     source = ArraySource(np.zeros((1, feature_dim), np.float32), np.zeros(1, np.int64), num_classes)
     releaser = _ZeroReleaser()
-    data = TrainingData(source, method.preprocessing(), public_num_examples=public_size, cache=cache)
-    method.fit(data, 1.0, releaser)
+    # The run's own path: a centred candidate's d coordinates of its mean are counted with its head's.
+    _fit_run(method, source, 1.0, releaser, public_size, mean_noise_multiplier(method, 1.0), cache)
     return releaser.coordinates
+
+
+def _fit_run(method: Method, part: RowSource, scale: float, releaser: ReleaserInterface, public_size: float,
+             mean_sigma: float | None, cache: StatisticsCache | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(head, μ̃ or None): one run's fit of `method` on `part` at noise scale `scale`, releasing through
+    `releaser`. A centred candidate first releases the mean of `part`'s preprocessed rows (multiplier
+    `mean_sigma`, public size `public_size`; featdp/centering.py) and trains on `part`'s rows centred on
+    it, as `training.fit` does; the centred rows are the run's own, so they share nothing with `cache`."""
+    preprocessing = method.preprocessing()
+    mean = None
+    if method.center:
+        mean = centering.release_mean(TrainingData(part, preprocessing, public_num_examples=public_size, cache=cache),
+                                      releaser, mean_sigma, public_size)
+        part, cache = _centred(part, preprocessing, mean), None
+    data = TrainingData(part, preprocessing, public_num_examples=public_size, cache=cache)
+    return method.fit(data, scale, releaser), mean
+
+
+def _centred(part: RowSource, preprocessing, mean: np.ndarray) -> RowSource:
+    """`part`'s rows as P(x) − μ̃ (`centering.centred_source`). A subset of rows in memory (the fit part)
+    becomes one centred copy of its rows, which passes then read as any array (no per-pass gathering or
+    centring); it is freed with the run."""
+    if not (isinstance(part, RowSubset) and isinstance(part.parent, ArraySource)):
+        return centering.centred_source(part, preprocessing, mean)
+    parent = part.parent
+    rows = parent.features[part.mask]  # a copy, centred in place
+    step = max(1, (32 << 20) // (4 * max(parent.feature_dim, 1)))
+    for start in range(0, len(rows), step):
+        rows[start : start + step] = centering.centre(preprocessing, rows[start : start + step], mean)
+    return ArraySource(rows, parent.labels[part.mask], parent.num_classes, parent.views_per_example)
 
 
 def _slack(coordinates: int, epsilon: float, delta: float, tail: float) -> tuple[float, float]:
@@ -691,21 +739,27 @@ class SelectionResult(LinearHead):
     seconds: float
     num_examples: int  # the true n: for the caller's own use, never written to a report
     views_per_example: int = 1
+    center: np.ndarray | None = None  # the best run's μ̃ (d,) when its candidate centred (head.npz), else None
+    center_noise_multiplier: float | None = None  # σ_c = σ_run/√f of that mean's release, else None
 
     @property
     def event(self) -> events.DpEvent:
         return self.calibration.event
 
 
-def _correct(method: Method, weights: np.ndarray, part: RowSource) -> float:
+def _correct(method: Method, weights: np.ndarray, part: RowSource, center: np.ndarray | None = None) -> float:
     """How many examples of `part` the head predicts right, block by block; an example of V views counts
     as the fraction of its views predicted right, so one example moves the count by at most 1 (the score's
-    sensitivity) however many views it has."""
+    sensitivity) however many views it has. With the run's mean μ̃ (`center`) the head predicts through
+    P(P(x) − μ̃), as `LinearHead.decision_function` does."""
     preprocess, weights = method.preprocessing(), weights.astype(np.float32)
     correct = 0
     for x, y in part.blocks():
         if len(y):
-            correct += int(np.sum(np.argmax(preprocess(x) @ weights, axis=1) == y))
+            rows = preprocess(x)
+            if center is not None:
+                rows = preprocess(rows - center)
+            correct += int(np.sum(np.argmax(rows @ weights, axis=1) == y))
     return correct / views_per_example(part)
 
 
@@ -817,7 +871,7 @@ def select(
     choices = key.child("selection", "candidates").stream()
     runs: list[Run] = []
     best: Run | None = None
-    best_weights = best_releases = None
+    best_weights = best_releases = best_center = None
     if on_run is not None:
         on_run(0, num_runs)
     for index in range(num_runs):
@@ -825,21 +879,23 @@ def select(
         choice = uniform_index(choices, len(candidates))
         method = candidates[choice]
         releaser = Releaser(key.child("run", index))
-        data = TrainingData(fit_part, method.preprocessing(), public_num_examples=public_fit_size, cache=runs_cache)
-        weights = np.asarray(method.fit(data, plan.scales[choice], releaser), dtype=np.float64)
+        # A centred candidate's run releases its own mean of the fit part first (σ_run/√f, planned for).
+        weights, mean = _fit_run(method, fit_part, plan.scales[choice], releaser, public_fit_size,
+                                 mean_noise_multiplier(method, sigma), runs_cache)
+        weights = np.asarray(weights, dtype=np.float64)
         if sum(r.coordinates for r in releaser.releases) + 1 != coordinates[choice]:
             raise RuntimeError(
                 f"method {method.name!r} released other shapes than its dry run: its releases depend on the data"
             )
         if not np.all(np.isfinite(weights)):
             weights = np.zeros_like(weights)  # post-processing of its releases: a non-finite head scores as zeros
-        correct = _correct(method, weights, validation_part)
+        correct = _correct(method, weights, validation_part, mean)
         noisy = float(releaser.release("validation_correct", np.array([float(correct)]), sensitivity=1.0,
                                        noise_multiplier=sigma)[0])
         run = Run(index, method, plan.scales[choice], noisy, coordinates[choice], time.perf_counter() - run_started)
         runs.append(run)
         if best is None or run.noisy_correct > best.noisy_correct:
-            best, best_weights, best_releases = run, weights, list(releaser.releases)
+            best, best_weights, best_releases, best_center = run, weights, list(releaser.releases), mean
         if on_run is not None:
             on_run(index + 1, num_runs)
 
@@ -857,7 +913,8 @@ def select(
         count=count, privacy=privacy, target=target, public_fit_size=public_fit_size,
         public_validation_size=public_validation_size, releases=list(count_releaser.releases) + best_releases,
         seeded=key.seeded, seconds=time.perf_counter() - started, num_examples=n,
-        views_per_example=views_per_example(train),
+        views_per_example=views_per_example(train), center=best_center,
+        center_noise_multiplier=mean_noise_multiplier(best.method, sigma),
     )
 
 
@@ -961,5 +1018,16 @@ def selection_report(result: SelectionResult, **extra) -> dict[str, Any]:
                                                      else "256 bits from the OS's cryptographic source"),
         },
     )
+    if result.center_noise_multiplier is not None:
+        report["center"] = {
+            "share": result.method.center,
+            "release": centering.RELEASE_NAME,
+            "noise_multiplier": result.center_noise_multiplier,
+            "sensitivity": result.method.clip_norm,
+            "what": "the best run's own mean of the fit part: the sum of its preprocessed rows (an example: the "
+                    "average of its views) over the fit part's public size; the run's rows were centred on it "
+                    "and preprocessed again, and head.npz's `center` holds it. Its Gaussian, at the run's "
+                    "score multiplier over sqrt(share), is part of the candidate's fit event in the plan",
+        }
     report.update(extra)
     return report

@@ -11,11 +11,11 @@ import pytest
 from dp_accounting import dp_event as events
 
 from conftest import invoke, make_blobs, write_feature_file
-from featdp import accounting, centering
+from featdp import accounting, centering, selection
 from featdp.data import ArraySource, Preprocessing, TrainingData
 from featdp.featurefile import FeatureFile
 from featdp.methods import HyperparameterError, get_method
-from featdp.selection import SelectionError, select
+from featdp.selection import select
 from featdp.training import fit
 
 
@@ -166,6 +166,133 @@ def test_a_bad_share_on_the_command_line_is_one_error_line(tmp_path):
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_tune_refuses_centred_candidates_before_releasing_anything():
-    with pytest.raises(SelectionError, match="center=0.05"):
-        select(offset_blobs(), "dp-fc", epsilon=1.0, delta=1e-5, grid={"center": ["0.05"]}, seed=0)
+def test_tune_centres_a_centred_candidates_runs_and_reports_the_winners_mean():
+    """Each run of a centred candidate releases its own mean of the fit part at σ_run/√f through its
+    releaser; the winner's μ̃ is the head's `center`, its release is among the released ones, and the
+    report describes it."""
+    data = offset_blobs(n=600, d=8, k=3)
+    result = select(data, "dp-ls", epsilon=2.0, delta=1e-5, grid={"center": ["0", "0.05"]}, mean_runs=3, seed=1)
+    assert result.privacy.epsilon <= 2.0
+    assert result.privacy.selection_epsilon == selection.selection_epsilon(result.plan.event,
+                                                                           result.privacy.selection_delta)
+    assert result.method.center == 0.05  # this seed's winner centred
+    sigma = result.noise_multiplier
+    assert result.center.shape == (8,) and result.center.dtype == np.float32
+    assert result.center_noise_multiplier == pytest.approx(sigma / math.sqrt(0.05), rel=1e-12)
+    mean = [r for r in result.releases if r.name == centering.RELEASE_NAME]
+    assert len(mean) == 1 and mean[0].noise_multiplier == result.center_noise_multiplier
+    assert mean[0].sensitivity == result.method.clip_norm
+    # The head predicts through the map its rows were trained on.
+    preprocess = result.method.preprocessing()
+    expected = preprocess(preprocess(data.features) - result.center) @ result.weights
+    np.testing.assert_allclose(result.decision_function(data.features), expected, rtol=1e-6, atol=1e-6)
+    report = selection.selection_report(result)
+    assert report["center"]["release"] == centering.RELEASE_NAME and report["center"]["share"] == 0.05
+    assert report["center"]["noise_multiplier"] == result.center_noise_multiplier
+    assert centering.RELEASE_NAME in [r["name"] for r in report["releases"]]
+    # A full-batch centred candidate's head keeps the share 1 − f of the run's precision.
+    plain, centred = result.plan.scales
+    assert centred / plain == pytest.approx(1 / math.sqrt(1 - 0.05), rel=3e-4)
+
+
+def test_tune_writes_the_winners_mean_into_the_head(tmp_path):
+    features = write_feature_file(tmp_path / "features.h5")
+    out = tmp_path / "head"
+    result = invoke("tune", features, "--method", "dp-fc", "--grid", "center=0.1", "--eps", "2", "--mean-runs", "2",
+                    "--seed", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    head = np.load(out / "head.npz")
+    assert head["center"].shape == head["weights"].shape[:1]
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["center"]["release"] == centering.RELEASE_NAME and report["epsilon"] <= 2.0
+    assert centering.RELEASE_NAME in [r["name"] for r in report["releases"]]
+
+
+def test_a_run_centres_the_fit_part_on_its_own_mean_and_scores_through_the_same_map():
+    """With exact releases: μ̃ is the fit part's preprocessed sum over its public size (the validation
+    part is not read), the head is the method on the centred fit part, and the score uses P(P(x) − μ̃)."""
+    data = offset_blobs(n=300, d=8, k=3)
+    fit_part, validation = selection.split_parts(data)
+    method = get_method("dp-ls", center=0.05)
+    public = 250.0
+    weights, mean = selection._fit_run(method, fit_part, 1.0, ExactReleaser(), public, 7.0)
+    preprocess = method.preprocessing()
+    rows = preprocess(data.features[fit_part.mask])
+    np.testing.assert_allclose(mean, rows.astype(np.float64).sum(0) / public, rtol=1e-5, atol=1e-7)
+    centred = ArraySource(rows - mean, data.labels[fit_part.mask], 3)
+    again = method.fit(TrainingData(centred, preprocess, public_num_examples=public), 1.0, ExactReleaser())
+    np.testing.assert_allclose(weights, again, rtol=1e-5, atol=1e-6)
+    held_out = preprocess(preprocess(data.features[validation.mask]) - mean) @ weights.astype(np.float32)
+    expected = np.sum(np.argmax(held_out, axis=1) == data.labels[validation.mask])
+    assert selection._correct(method, weights, validation, mean) == expected
+
+
+def test_a_streamed_fit_part_is_centred_like_one_in_memory(tmp_path):
+    path = write_feature_file(tmp_path / "f.h5", n=300)
+    with FeatureFile(path) as features:
+        train = features.split("train")
+        kwargs = dict(epsilon=2.0, delta=1e-5, grid={"center": ["0.1"]}, mean_runs=2, seed=4)
+        held = select(train, "dp-ls", **kwargs)
+        streamed = select(train, "dp-ls", memory_budget_bytes=0, **kwargs)
+    np.testing.assert_allclose(held.center, streamed.center, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(held.weights, streamed.weights, rtol=1e-5, atol=1e-6)
+    assert held.best.noisy_correct == pytest.approx(streamed.best.noisy_correct, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dp-fc", "dp-ls"])
+def test_a_full_batch_centred_candidates_run_is_dominated_with_the_share_1_minus_f_of_the_precision(name):
+    sigma, public, share = 3.0, 500.0, 0.2
+    plain, centred = get_method(name), get_method(name, center=share)
+    s_plain = selection.dominating_noise_scale(plain, sigma, public)
+    s_centred = selection.dominating_noise_scale(centred, sigma, public)
+    composed = centering.with_mean(centred.dp_event(s_centred, public), sigma / math.sqrt(share))
+    assert selection.is_dominated(composed, sigma)
+    assert not selection.is_dominated(
+        centering.with_mean(centred.dp_event(s_centred / 1.001, public), sigma / math.sqrt(share)), sigma)
+    assert s_centred / s_plain == pytest.approx(1 / math.sqrt(1 - share), rel=3e-4)
+    # The equal-standalone-privacy rule gives the same (exactly the Gaussian's σ_eff for full-batch heads).
+    scales = selection.equal_privacy_scales([plain, centred], sigma, 1e-5, public)
+    assert scales[1] / scales[0] == pytest.approx(1 / math.sqrt(1 - share), rel=1e-12)
+
+
+def test_a_sampled_centred_candidates_event_in_the_plan_includes_its_mean():
+    public, share = 500.0, 0.1
+    candidates = [get_method("dp-fc"), get_method("dp-sgd", steps=10, batch_size=60, center=share)]
+    distribution = selection.RunsDistribution(3.0)
+    plan = selection.equal_privacy_plan(candidates, distribution, 1.0, 1e-5, public)
+    sigma = plan.run_noise_multiplier
+    assert plan.event.event.components[1] == centering.with_mean(
+        candidates[1].dp_event(plan.scales[1], public), sigma / math.sqrt(share))
+    assert selection.selection_epsilon(plan.event, 1e-5) == plan.epsilon <= 1.0
+    # The centred candidate alone is (to 0.1%) as private as the score, its mean included.
+    score = accounting.epsilon(events.GaussianDpEvent(sigma), 1e-5, "rdp")
+    run_event = lambda s: centering.with_mean(candidates[1].dp_event(s, public), sigma / math.sqrt(share))  # noqa: E731
+    assert accounting.epsilon(run_event(plan.scales[1]), 1e-5, "rdp") <= score
+    assert accounting.epsilon(run_event(plan.scales[1] / 1.003), 1e-5, "rdp") > score
+
+
+@pytest.mark.parametrize("name, hp", [("dp-fc", {}), ("dp-ls", {}), ("dp-sgd", {"steps": 2, "batch_size": 50})])
+def test_a_centred_candidates_dry_run_counts_the_means_coordinates(name, hp):
+    d, k, public = 12, 4, 300.0
+    plain = selection.release_coordinates(get_method(name, **hp), d, k, public)
+    centred = selection.release_coordinates(get_method(name, **hp, center=0.05), d, k, public)
+    assert centred == plain + d
+
+
+def test_the_audit_refuses_a_centred_method_with_one_error_line():
+    result = invoke("audit", "--method", "dp-fc", "--eps", "1", "--trials", "50", "--set", "center=0.02")
+    assert result.exit_code == 2 and result.output.startswith("error: center=0.02")
+    assert "Traceback" not in result.output
+
+
+def test_rows_in_memory_are_centred_block_by_block_when_a_copy_would_not_fit(monkeypatch):
+    from featdp import featurefile
+
+    data = offset_blobs()
+    mean = np.full(data.feature_dim, 0.2, np.float32)
+    copied = centering.centred_source(data, Preprocessing(), mean)
+    monkeypatch.setattr(featurefile, "available_memory", lambda: data.features.nbytes - 1)
+    streamed = centering.centred_source(data, Preprocessing(), mean)
+    assert isinstance(copied, ArraySource) and isinstance(streamed, centering.CentredRows)
+    rows = np.concatenate([x for x, _ in streamed.blocks(64)])
+    np.testing.assert_array_equal(rows, copied.features)
