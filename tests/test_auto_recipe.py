@@ -11,10 +11,11 @@ import pathlib
 import pytest
 
 from conftest import invoke, write_feature_file
-from featdp import selection
+from featdp import centering, selection
 from featdp.audit import white_box_audit
+from featdp.audit.design import AuditData, at_budget
 from featdp.methods import HyperparameterError, get_method
-from featdp.methods.dp_sgd import AUTO_EPOCHS, AUTO_FIELDS, auto_recipe
+from featdp.methods.dp_sgd import AUTO_CENTER_SHARE, AUTO_EPOCHS, AUTO_FIELDS, auto_recipe
 from featdp.training import SAMPLER_RESERVE, fit
 
 
@@ -82,7 +83,10 @@ def test_a_fit_runs_the_recipe_of_its_released_count_and_epsilon(blobs):
     expected = auto_recipe(result.count.value, method_epsilon, blobs.feature_dim)
     assert result.method.recipe == "manual"
     assert {k: getattr(result.method, k) for k in expected} == expected
-    assert result.calibration.event == result.method.dp_event(result.calibration.noise_scale, result.count.value)
+    # The recipe centres: the mean's Gaussian is composed with the steps' event.
+    assert result.method.center == AUTO_CENTER_SHARE and result.center is not None
+    assert result.calibration.event == centering.with_mean(
+        result.method.dp_event(result.calibration.noise_scale, result.count.value), result.center_noise_multiplier)
     gradient_steps = [r for r in result.releases if r.name == "gradient_sum"]
     assert len(gradient_steps) == expected["steps"]
     assert result.privacy.epsilon <= 2.0
@@ -100,6 +104,9 @@ def test_a_selection_resolves_auto_candidates_from_its_fit_part(blobs):
 def test_an_audit_checks_the_resolved_recipe():
     result = white_box_audit(get_method("dp-sgd", recipe="auto"), 4.0, trials=20, seed=0)
     assert result.passed, result
+    # The audit examines the recipe's own releases (its steps); the centring it chose is left out.
+    audited = at_budget(get_method("dp-sgd", recipe="auto"), 4.0, AuditData(), 1)
+    assert audited.recipe == "manual" and audited.steps > 1 and audited.center == 0.0
 
 
 def test_cli_fit_reports_the_hyperparameters_that_ran(tmp_path):

@@ -82,8 +82,14 @@ def _data(method: Method, features, labels, num_classes, public_count: int) -> T
 
 def at_budget(method: Method, epsilon: float, data: AuditData, canaries: int) -> Method:
     """The method as a fit at the audited budget runs it (`Method.for_budget`: hyperparameters that follow
-    the budget are chosen from the public n, ε and d, here the audit data's)."""
-    return method.for_budget(data.num_examples, epsilon, data.base_dim + canaries)
+    the budget are chosen from the public n, ε and d, here the audit data's), less a centring the budget
+    chose (dp-sgd recipe=auto): the audit examines the method's own releases, and the released mean is a
+    Gaussian mechanism of its own (featdp/centering.py). A centring asked for is refused
+    (`claimed_noise_scale`)."""
+    resolved = method.for_budget(data.num_examples, epsilon, data.base_dim + canaries)
+    if resolved.center and not method.center:
+        resolved = dataclasses.replace(resolved, center=0.0)
+    return resolved
 
 
 def claimed_noise_scale(method: Method, epsilon: float, delta: float, num_examples: int,

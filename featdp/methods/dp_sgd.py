@@ -20,7 +20,11 @@ from featdp.methods.base import HyperparameterError, Method, positive, register
 OPTIMIZERS = ("sgd", "adam")
 RECIPES = ("manual", "auto")
 # What recipe=auto chooses from the budget; setting one of them beside it is refused, not silently overridden.
-AUTO_FIELDS = ("clip_norm", "steps", "lr", "momentum", "batch_size", "grad_clip", "optimizer", "schedule")
+AUTO_FIELDS = ("clip_norm", "steps", "lr", "momentum", "batch_size", "grad_clip", "optimizer", "schedule", "center")
+# recipe=auto's centring share (featdp/centering.py), chosen on public proxies only
+# (benchmarks/choose_center.py, results/choose_center.md): within 0.5 points of the best share in every cell,
+# far ahead of no centring where rows share a common direction, at most 0.5 behind it where they do not.
+AUTO_CENTER_SHARE = 0.02
 
 
 @register
@@ -45,7 +49,7 @@ class DPSGD(Method):
 
     recipe=auto chooses the multi-epoch recipe from the budget instead (`auto_recipe`: the Tramèr–Boneh
     recipe below with C = √d, and epochs and a rate schedule that grow with ñ·ε, chosen on public proxies
-    only). A fit, a selection or an audit resolves it with `for_budget` from the released count ñ, the
+    only), and centres the rows on a released mean at `AUTO_CENTER_SHARE` of the budget. A fit, a selection or an audit resolves it with `for_budget` from the released count ñ, the
     method's share of ε and d, all public, before anything is accounted; the head's report lists the
     hyperparameters that ran. Setting a field it chooses beside it is refused.
 
@@ -215,11 +219,11 @@ AUTO_EPOCHS = (
 
 
 def auto_recipe(num_examples: float, epsilon: float, feature_dim: int) -> dict:
-    """recipe=auto's hyperparameters at the budget ñ·ε (`AUTO_EPOCHS`). Arguments are public: the released
-    count, the method's ε and the feature dimension."""
+    """recipe=auto's hyperparameters at the budget ñ·ε (`AUTO_EPOCHS`), centred (`AUTO_CENTER_SHARE`).
+    Arguments are public: the released count, the method's ε and the feature dimension."""
     budget = num_examples * epsilon
     epochs, schedule = next((epochs, schedule) for below, epochs, schedule in AUTO_EPOCHS if budget < below)
-    return recipe_for_epochs(num_examples, feature_dim, epochs, schedule)
+    return {**recipe_for_epochs(num_examples, feature_dim, epochs, schedule), "center": AUTO_CENTER_SHARE}
 
 
 def recipe_for_epochs(num_examples: float, feature_dim: int, epochs: float, schedule: str) -> dict:
