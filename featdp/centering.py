@@ -32,26 +32,29 @@ from featdp import accounting
 from featdp.data import DEFAULT_BLOCK_ROWS, ArraySource, Preprocessing, RowSource, TrainingData, holds_rows_in_memory, views_per_example
 from featdp.mechanism import ReleaserInterface
 
-__all__ = ["MAX_SHARE", "CentredRows", "center_noise_multiplier", "centred_source", "release_mean", "with_mean"]
+__all__ = ["MAX_SHARE", "MIN_SHARE", "CentredRows", "center_noise_multiplier", "centred_source", "release_mean", "with_mean"]
 
 MAX_SHARE = 0.5  # of the budget: beyond it the mean would cost more than the head it serves
+# Below it the mean's noise is so large that the release carries nothing, and its magnitude could outgrow
+# the release's integer grid.
+MIN_SHARE = 1e-3
 RELEASE_NAME = "train_mean_sum"
 
 
 def check_share(share: float) -> None:
-    """ValueError unless 0 ≤ share ≤ `MAX_SHARE`."""
-    if isinstance(share, bool) or not (0 <= share <= MAX_SHARE):
-        raise ValueError(f"center must lie in [0, {MAX_SHARE}] (the share of the budget spent on the train mean; "
-                         f"0: off), got {share!r}")
+    """ValueError unless share = 0 or `MIN_SHARE` ≤ share ≤ `MAX_SHARE`."""
+    if isinstance(share, bool) or not (share == 0 or MIN_SHARE <= share <= MAX_SHARE):
+        raise ValueError(f"center must be 0 (off) or lie in [{MIN_SHARE:g}, {MAX_SHARE:g}] (the share of the "
+                         f"budget spent on the train mean), got {share!r}")
 
 
-def center_noise_multiplier(share: float, epsilon: float, delta: float) -> float:
-    """σ_c = σ₁/√share, σ₁ the multiplier at which one Gaussian mechanism is (ε, δ)-DP. Public: it depends on
-    the method's budget and the share only."""
+def center_noise_multiplier(share: float, epsilon: float, delta: float, accountant: str = "pld") -> float:
+    """σ_c = σ₁/√share, σ₁ the multiplier at which one Gaussian mechanism is (ε, δ)-DP under `accountant`
+    (the fit's). Public: it depends on the method's budget and the share only."""
     check_share(share)
     if share == 0:
         raise ValueError("center=0 releases no mean")
-    single = accounting.calibrate(lambda s: events.GaussianDpEvent(s), epsilon, delta).noise_scale
+    single = accounting.calibrate(lambda s: events.GaussianDpEvent(s), epsilon, delta, accountant).noise_scale
     return single / math.sqrt(share)
 
 

@@ -207,9 +207,9 @@ class Releaser:
         scaled = flat / record.grid  # exact: γ is a power of two
         limit = _INT_LIMIT - 16 * record.grid_scale
         if not np.all(np.abs(scaled) < limit):
+            # The statistic's own magnitude is not named: it is the private, noise-free value.
             raise FloatingPointError(
-                f"release {record.name!r}: a statistic of magnitude {np.max(np.abs(flat)):.3g} does not fit "
-                f"the grid {record.grid:g} in 62 bits"
+                f"release {record.name!r}: a statistic does not fit the grid {record.grid:g} in 62 bits"
             )
         noisy = np.rint(scaled).astype(np.int64)
         noisy += self._noise(key, noisy.shape, record)

@@ -27,6 +27,7 @@ from dp_accounting import dp_event as events
 
 import featdp
 from featdp import accounting, centering, integer_gaussian, mechanism
+from featdp.data import Preprocessing
 from featdp.training import FitResult
 
 HEAD_FILE = "head.npz"
@@ -385,6 +386,19 @@ class Outputs:
     normalize: str
     class_names: tuple[str, ...]
     report: dict[str, Any]
+    center: np.ndarray | None = None  # μ̃ the rows were centred on (featdp/centering.py), else None
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        """Wᵀ P(x), or Wᵀ P(P(x) − μ̃) for a centred head: the map the head was trained through."""
+        preprocess = Preprocessing(self.clip_norm, self.normalize)
+        rows = preprocess(np.asarray(features, np.float32))
+        if self.center is not None:
+            rows = preprocess(rows - self.center)
+        return rows @ self.weights
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class indices (into `class_names` when the file names them)."""
+        return np.argmax(self.decision_function(features), axis=1)
 
 
 def read_outputs(out_dir: str | os.PathLike) -> Outputs:
@@ -426,8 +440,10 @@ def read_outputs(out_dir: str | os.PathLike) -> Outputs:
                           f"describes (head_sha256 {expected}): refusing a mismatched pair")
     try:
         with np.load(io.BytesIO(head), allow_pickle=False) as arrays:
+            # An empty or absent `center`: the rows were not centred (heads before centring have none).
+            center = arrays["center"] if "center" in arrays.files and arrays["center"].size else None
             return Outputs(out_dir, arrays["weights"], float(arrays["clip_norm"]), str(arrays["normalize"]),
-                           tuple(str(c) for c in arrays["class_names"]), report)
+                           tuple(str(c) for c in arrays["class_names"]), report, center)
     except (OSError, ValueError, KeyError) as error:
         raise OutputError(f"{out_dir / HEAD_FILE} is not a featdp head: {error}") from None
 

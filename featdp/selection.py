@@ -641,17 +641,12 @@ def _fit_run(method: Method, part: RowSource, scale: float, releaser: ReleaserIn
 
 
 def _centred(part: RowSource, preprocessing, mean: np.ndarray) -> RowSource:
-    """`part`'s rows as P(x) − μ̃ (`centering.centred_source`). A subset of rows in memory (the fit part)
-    becomes one centred copy of its rows, which passes then read as any array (no per-pass gathering or
-    centring); it is freed with the run."""
-    if not (isinstance(part, RowSubset) and isinstance(part.parent, ArraySource)):
-        return centering.centred_source(part, preprocessing, mean)
-    parent = part.parent
-    rows = parent.features[part.mask]  # a copy, centred in place
-    step = max(1, (32 << 20) // (4 * max(parent.feature_dim, 1)))
-    for start in range(0, len(rows), step):
-        rows[start : start + step] = centering.centre(preprocessing, rows[start : start + step], mean)
-    return ArraySource(rows, parent.labels[part.mask], parent.num_classes, parent.views_per_example)
+    """`part`'s rows as P(x) − μ̃ (`centering.centred_source`). A subset (the fit part) stays a subset, of its
+    parent centred whole (in memory when a copy fits, block by block otherwise): its blocks, and so its
+    Poisson masks, are numbered as the uncentred subset's are, in memory or streamed."""
+    if isinstance(part, RowSubset):
+        return RowSubset(centering.centred_source(part.parent, preprocessing, mean), part.mask)
+    return centering.centred_source(part, preprocessing, mean)
 
 
 def _slack(coordinates: int, epsilon: float, delta: float, tail: float) -> tuple[float, float]:

@@ -223,7 +223,7 @@ def fit(
     progress.report(task, 2, phases, "calibrating the noise")
     # Centring (featdp/centering.py): the mean's noise is fixed from the budget first; the method's scale is
     # then calibrated with the mean's Gaussian composed into its event.
-    center_sigma = (centering.center_noise_multiplier(method.center, method_epsilon, method_delta)
+    center_sigma = (centering.center_noise_multiplier(method.center, method_epsilon, method_delta, accountant)
                     if method.center else None)
     calibration = accounting.calibrate(
         lambda scale: centering.with_mean(method.dp_event(scale, count.value), center_sigma), method_epsilon,

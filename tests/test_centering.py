@@ -13,8 +13,9 @@ from dp_accounting import dp_event as events
 from conftest import invoke, make_blobs, write_feature_file
 from featdp import accounting, centering, selection
 from featdp.data import ArraySource, Preprocessing, TrainingData
-from featdp.featurefile import FeatureFile
+from featdp.featurefile import FeatureFile, write_features
 from featdp.methods import HyperparameterError, get_method
+from featdp.report import read_outputs
 from featdp.selection import select
 from featdp.training import fit
 
@@ -26,14 +27,15 @@ def offset_blobs(n=400, d=12, k=4, seed=0, offset=4.0):
 
 
 class ExactReleaser:
-    """Releases every value unchanged (no noise), recording what it was given: the pre-noise statistics."""
+    """Releases every value unchanged (no noise), recording what it was given: the pre-noise statistics;
+    except the example count, released 7 too high, so that a use of the true n instead of ñ shows."""
 
     def __init__(self):
         self.releases, self.values = [], {}
 
     def release(self, name, value, **options):
         self.values[name] = np.asarray(value, np.float64)
-        return np.asarray(value, np.float64)
+        return np.asarray(value, np.float64) + (7.0 if name == "num_examples" else 0.0)
 
     def release_stack(self, name, values, shape, **options):
         return (np.asarray(value, np.float64) for value in values)
@@ -42,7 +44,7 @@ class ExactReleaser:
         return np.ones(rows, dtype=bool)
 
 
-@pytest.mark.parametrize("share", [-0.1, 0.6, math.nan, True])
+@pytest.mark.parametrize("share", [-0.1, 0.6, 1e-5, math.nan, True])
 def test_a_share_outside_0_to_one_half_is_refused(share):
     with pytest.raises(HyperparameterError, match="center must"):
         get_method("dp-fc").create(center=share)
@@ -147,6 +149,12 @@ def test_fit_writes_the_mean_into_the_head_and_describes_it_in_the_report(tmp_pa
     assert result.exit_code == 0, result.output
     head = np.load(out / "head.npz")
     assert head["center"].shape == head["weights"].shape[:1]
+    # Read back, the head predicts the test split as the fit scored it.
+    outputs = read_outputs(out)
+    with FeatureFile(features) as file:
+        x, y = file.split("test").read()
+    accuracy = float(np.mean(outputs.predict(x) == y))
+    assert outputs.center is not None and accuracy == pytest.approx(outputs.report["test_accuracy"])
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["hyperparameters"]["center"] == 0.05 and report["epsilon"] <= 1.0
     assert report["center"]["release"] == centering.RELEASE_NAME
@@ -154,7 +162,7 @@ def test_fit_writes_the_mean_into_the_head_and_describes_it_in_the_report(tmp_pa
     assert centering.RELEASE_NAME in [r["name"] for r in report["releases"]]
     plain = tmp_path / "plain"
     assert invoke("fit", features, "--method", "dp-fc", "--eps", "1", "--out", plain).exit_code == 0
-    assert np.load(plain / "head.npz")["center"].shape == (0,)
+    assert np.load(plain / "head.npz")["center"].shape == (0,) and read_outputs(plain).center is None
     assert "center" not in json.loads((plain / "privacy_report.json").read_text())
 
 
@@ -162,7 +170,7 @@ def test_a_bad_share_on_the_command_line_is_one_error_line(tmp_path):
     features = write_feature_file(tmp_path / "features.h5")
     out = tmp_path / "head"
     result = invoke("fit", features, "--method", "dp-fc", "--eps", "1", "--set", "center=0.9", "--out", out)
-    assert result.exit_code == 2 and "error:" in result.output and "center must lie in" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "center must" in result.output
     assert "Traceback" not in result.output and not out.exists()
 
 
@@ -237,6 +245,21 @@ def test_a_streamed_fit_part_is_centred_like_one_in_memory(tmp_path):
     np.testing.assert_allclose(held.center, streamed.center, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(held.weights, streamed.weights, rtol=1e-5, atol=1e-6)
     assert held.best.noisy_correct == pytest.approx(streamed.best.noisy_correct, abs=1e-9)
+
+
+def test_a_streamed_fit_part_draws_the_poisson_masks_of_one_in_memory(tmp_path):
+    """More rows than one block: a Poisson-sampled run must number the fit part's blocks as the parent's,
+    whether the centred rows are a copy in memory or centred as they are read."""
+    x, y = make_blobs(n=33_500, d=4, k=3)
+    path = write_features(tmp_path / "big.h5", {"train": (x + 3, y)}, num_classes=3)
+    grid = {"center": ["0.05"], "batch_size": ["3000"], "steps": ["2"]}
+    with FeatureFile(path) as features:
+        train = features.split("train")
+        kwargs = dict(epsilon=2.0, delta=1e-6, grid=grid, mean_runs=1, seed=2)
+        held = select(train, "dp-sgd", **kwargs)
+        streamed = select(train, "dp-sgd", memory_budget_bytes=0, **kwargs)
+    np.testing.assert_allclose(held.center, streamed.center, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(held.weights, streamed.weights, rtol=0, atol=1e-5 * np.abs(held.weights).max())
 
 
 @pytest.mark.parametrize("name", ["dp-fc", "dp-ls"])
