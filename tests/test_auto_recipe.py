@@ -109,6 +109,13 @@ def test_an_audit_checks_the_resolved_recipe():
     assert audited.recipe == "manual" and audited.steps > 1 and audited.center == 0.0
 
 
+def test_cli_audit_of_the_recipe_says_its_centring_is_not_audited():
+    result = invoke("audit", "--method", "dp-sgd", "--set", "recipe=auto", "--eps", "4", "--mode", "white-box",
+                    "--trials", "20", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    assert "centring" in result.output and "is not audited" in result.output
+
+
 def test_cli_fit_reports_the_hyperparameters_that_ran(tmp_path):
     features = write_feature_file(tmp_path / "features.h5")
     out = tmp_path / "head"
