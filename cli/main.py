@@ -545,7 +545,8 @@ def demo(
         _fail(str(error))
     console.print(table)
     _say(f"dp-sgd's default is one full-batch step (a noisy class-mean classifier); recipe=auto is "
-         f"`featdp fit --method dp-sgd --set recipe=auto` (its epochs follow ñ·ε); the Tramèr–Boneh row is "
+         f"`featdp fit --method dp-sgd --set recipe=auto` (its epochs follow ñ·ε; rows centred on a released mean); "
+         f"the Tramèr–Boneh row is "
          f"`{job.recipe_command()}` ({job.recipe['steps']} Poisson-sampled steps).")
     if job.published:
         _say(f"published: {job.published}")
