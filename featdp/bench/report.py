@@ -95,8 +95,9 @@ def markdown(result: BenchResult, title: str, command: str) -> str:
     if "auto" in kinds:
         lines.append(
             f"* **{KIND_LABELS['auto']}**: hyperparameters chosen by `recipe=auto` from the released count ñ "
-            "and the method's ε only (its bands were chosen on public proxies: benchmarks/choose_epochs.py); "
-            "nothing is selected, so the whole fit is within the column's (ε, δ). Same seeds as the default rows."
+            "and the method's ε only (its bands were chosen on public proxies: benchmarks/choose_epochs.py), "
+            "with the rows centred on a released mean (`center`, its Gaussian inside the fit's ε); nothing is "
+            "selected, so the whole fit is within the column's (ε, δ). Same seeds as the default rows."
         )
     if private_tuned or (config.private_tune and "default" in kinds):
         lines.append(
