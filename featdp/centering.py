@@ -32,7 +32,8 @@ from featdp import accounting
 from featdp.data import DEFAULT_BLOCK_ROWS, ArraySource, Preprocessing, RowSource, TrainingData, holds_rows_in_memory, views_per_example
 from featdp.mechanism import ReleaserInterface
 
-__all__ = ["MAX_SHARE", "MIN_SHARE", "CentredRows", "center_noise_multiplier", "centred_source", "release_mean", "with_mean"]
+__all__ = ["MAX_SHARE", "MIN_SHARE", "CentredRows", "center_noise_multiplier", "centred_source", "head_rows",
+           "release_mean", "with_mean"]
 
 MAX_SHARE = 0.5  # of the budget: beyond it the mean would cost more than the head it serves
 # Below it the mean's noise is so large that the release carries nothing, and its magnitude could outgrow
@@ -77,6 +78,12 @@ def release_mean(data: TrainingData, releaser: ReleaserInterface, noise_multipli
     if noise_multiplier is not None:
         total = releaser.release(RELEASE_NAME, total, sensitivity=data.clip_norm, noise_multiplier=noise_multiplier)
     return (np.asarray(total, np.float64) / max(public_size, 1.0)).astype(np.float32)
+
+
+def head_rows(preprocessing: Preprocessing, features: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """The rows a head multiplies: P(x), or P(P(x) − μ̃) when it was trained on rows centred on μ̃ (`mean`)."""
+    rows = preprocessing(np.asarray(features, np.float32))
+    return rows if mean is None else preprocessing(rows - mean)
 
 
 def centre(preprocessing: Preprocessing, x: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -390,11 +390,7 @@ class Outputs:
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
         """Wᵀ P(x), or Wᵀ P(P(x) − μ̃) for a centred head: the map the head was trained through."""
-        preprocess = Preprocessing(self.clip_norm, self.normalize)
-        rows = preprocess(np.asarray(features, np.float32))
-        if self.center is not None:
-            rows = preprocess(rows - self.center)
-        return rows @ self.weights
+        return centering.head_rows(Preprocessing(self.clip_norm, self.normalize), features, self.center) @ self.weights
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Class indices (into `class_names` when the file names them)."""

@@ -751,9 +751,7 @@ def _correct(method: Method, weights: np.ndarray, part: RowSource, center: np.nd
     correct = 0
     for x, y in part.blocks():
         if len(y):
-            rows = preprocess(x)
-            if center is not None:
-                rows = preprocess(rows - center)
+            rows = centering.head_rows(preprocess, x, center)
             correct += int(np.sum(np.argmax(rows @ weights, axis=1) == y))
     return correct / views_per_example(part)
 

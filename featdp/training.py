@@ -79,11 +79,7 @@ class LinearHead:
     center: np.ndarray | None = None
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
-        preprocess = self.method.preprocessing()
-        rows = preprocess(np.asarray(features, np.float32))
-        if self.center is not None:
-            rows = preprocess(rows - self.center)
-        return rows @ self.weights
+        return centering.head_rows(self.method.preprocessing(), features, self.center) @ self.weights
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return np.argmax(self.decision_function(features), axis=1)
