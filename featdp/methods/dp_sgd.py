@@ -22,8 +22,9 @@ RECIPES = ("manual", "auto")
 # What recipe=auto chooses from the budget; setting one of them beside it is refused, not silently overridden.
 AUTO_FIELDS = ("clip_norm", "steps", "lr", "momentum", "batch_size", "grad_clip", "optimizer", "schedule", "center")
 # recipe=auto's centring share (featdp/centering.py), chosen on public proxies only
-# (benchmarks/choose_center.py, results/choose_center.md): within 0.5 points of the best share in every cell,
-# far ahead of no centring where rows share a common direction, at most 0.5 behind it where they do not.
+# (benchmarks/choose_center.py, results/choose_center.md): for dp-sgd within 0.6 points of the best share in
+# every cell, far ahead of no centring where rows share a common direction, at most 0.5 behind it where
+# they do not.
 AUTO_CENTER_SHARE = 0.02
 
 
