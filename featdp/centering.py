@@ -29,11 +29,14 @@ import numpy as np
 from dp_accounting import dp_event as events
 
 from featdp import accounting
-from featdp.data import DEFAULT_BLOCK_ROWS, ArraySource, Preprocessing, RowSource, TrainingData, holds_rows_in_memory, views_per_example
+from featdp.data import (
+    DEFAULT_BLOCK_ROWS, ArraySource, Preprocessing, RowSource, RowSubset, TrainingData, holds_rows_in_memory,
+    views_per_example,
+)
 from featdp.mechanism import ReleaserInterface
 
-__all__ = ["MAX_SHARE", "MIN_SHARE", "CentredRows", "center_noise_multiplier", "centred_source", "head_rows",
-           "release_mean", "with_mean"]
+__all__ = ["MAX_SHARE", "MIN_SHARE", "RELEASE_NAME", "CentredRows", "center_noise_multiplier", "centre_rows",
+           "centred_source", "check_share", "head_rows", "release_mean", "with_mean"]
 
 MAX_SHARE = 0.5  # of the budget: beyond it the mean would cost more than the head it serves
 # Below it the mean's noise is so large that the release carries nothing, and its magnitude could outgrow
@@ -106,11 +109,24 @@ class CentredRows:
             yield centre(self.preprocessing, np.asarray(x, np.float32), self.mean), y
 
 
+def centre_rows(source: RowSource, preprocessing: Preprocessing, releaser: ReleaserInterface,
+                noise_multiplier: float | None, public_size: float, **training) -> tuple[RowSource, np.ndarray]:
+    """(`source` centred on μ̃, μ̃): releases the mean of `source`'s preprocessed rows (`release_mean`; the
+    TrainingData of that one pass takes `training`'s options, e.g. block_rows or a cache of the raw rows)
+    and centres `source` on it (`centred_source`). The centred rows belong to one fit: share no cache."""
+    data = TrainingData(source, preprocessing, public_num_examples=public_size, **training)
+    mean = release_mean(data, releaser, noise_multiplier, public_size)
+    return centred_source(source, preprocessing, mean), mean
+
+
 def centred_source(source: RowSource, preprocessing: Preprocessing, mean: np.ndarray) -> RowSource:
     """`source`'s rows as P(x) − μ̃: one centred copy in memory when `source` is in memory and the copy fits
-    the memory available, else computed block by block on every pass."""
+    the memory available, else computed block by block on every pass. A subset stays a subset, of its
+    parent centred whole, so its blocks (and the Poisson masks drawn per block) are numbered as before."""
     from featdp.featurefile import AllocationError, check_allocation
 
+    if isinstance(source, RowSubset):
+        return RowSubset(centred_source(source.parent, preprocessing, mean), source.mask)
     if not (holds_rows_in_memory(source) and isinstance(source, ArraySource)):
         return CentredRows(source, preprocessing, mean)
     try:

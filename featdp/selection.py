@@ -633,20 +633,10 @@ def _fit_run(method: Method, part: RowSource, scale: float, releaser: ReleaserIn
     preprocessing = method.preprocessing()
     mean = None
     if method.center:
-        mean = centering.release_mean(TrainingData(part, preprocessing, public_num_examples=public_size, cache=cache),
-                                      releaser, mean_sigma, public_size)
-        part, cache = _centred(part, preprocessing, mean), None
+        (part, mean), cache = centering.centre_rows(part, preprocessing, releaser, mean_sigma, public_size,
+                                                    cache=cache), None
     data = TrainingData(part, preprocessing, public_num_examples=public_size, cache=cache)
     return method.fit(data, scale, releaser), mean
-
-
-def _centred(part: RowSource, preprocessing, mean: np.ndarray) -> RowSource:
-    """`part`'s rows as P(x) − μ̃ (`centering.centred_source`). A subset (the fit part) stays a subset, of its
-    parent centred whole (in memory when a copy fits, block by block otherwise): its blocks, and so its
-    Poisson masks, are numbered as the uncentred subset's are, in memory or streamed."""
-    if isinstance(part, RowSubset):
-        return RowSubset(centering.centred_source(part.parent, preprocessing, mean), part.mask)
-    return centering.centred_source(part, preprocessing, mean)
 
 
 def _slack(coordinates: int, epsilon: float, delta: float, tail: float) -> tuple[float, float]:

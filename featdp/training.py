@@ -189,9 +189,8 @@ def fit(
         start = time.perf_counter()
         mean = None
         if method.center:  # a reference centres on the exact mean
-            mean = centering.release_mean(TrainingData(source, method.preprocessing(), public_num_examples=n,
-                                                       **blocks), releaser, None, n)
-            source, cache = centering.centred_source(source, method.preprocessing(), mean), None
+            (source, mean), cache = centering.centre_rows(source, method.preprocessing(), releaser, None, n,
+                                                          **blocks), None
         data = TrainingData(source, method.preprocessing(), public_num_examples=n, device=backend, cache=cache,
                             **blocks)
         weights = method.fit(data, 0.0, releaser)
@@ -228,11 +227,9 @@ def fit(
     progress.report(task, 3, phases, "training")
     start = time.perf_counter()
     mean = None
-    if center_sigma is not None:
-        mean = centering.release_mean(TrainingData(source, method.preprocessing(), public_num_examples=count.value,
-                                                   **blocks), releaser, center_sigma, count.value)
-        # The centred rows are this fit's own: nothing about them is shared with other fits.
-        source, cache = centering.centred_source(source, method.preprocessing(), mean), None
+    if center_sigma is not None:  # the centred rows are this fit's own: nothing about them is shared
+        (source, mean), cache = centering.centre_rows(source, method.preprocessing(), releaser, center_sigma,
+                                                      count.value, **blocks), None
     data = TrainingData(source, method.preprocessing(), public_num_examples=count.value, device=backend,
                         cache=cache, **blocks)
     weights = method.fit(data, calibration.noise_scale, releaser)

@@ -12,7 +12,7 @@ from dp_accounting import dp_event as events
 
 from conftest import invoke, make_blobs, write_feature_file
 from featdp import accounting, centering, selection
-from featdp.data import ArraySource, Preprocessing, TrainingData
+from featdp.data import ArraySource, Preprocessing, RowSubset, TrainingData
 from featdp.featurefile import FeatureFile, write_features
 from featdp.methods import HyperparameterError, get_method
 from featdp.report import read_outputs
@@ -319,3 +319,14 @@ def test_rows_in_memory_are_centred_block_by_block_when_a_copy_would_not_fit(mon
     assert isinstance(copied, ArraySource) and isinstance(streamed, centering.CentredRows)
     rows = np.concatenate([x for x, _ in streamed.blocks(64)])
     np.testing.assert_array_equal(rows, copied.features)
+
+
+def test_a_subset_is_centred_as_a_subset_of_its_centred_parent():
+    """So that its blocks, and the Poisson masks drawn per block, are numbered as the uncentred subset's."""
+    data = offset_blobs()
+    mask = np.arange(data.num_examples) % 3 != 0
+    mean = np.full(data.feature_dim, 0.2, np.float32)
+    centred = centering.centred_source(RowSubset(data, mask), Preprocessing(), mean)
+    assert isinstance(centred, RowSubset) and np.array_equal(centred.mask, mask)
+    rows = np.concatenate([x for x, _ in centred.blocks(64)])
+    np.testing.assert_array_equal(rows, centering.centre(Preprocessing(), data.features[mask], mean))

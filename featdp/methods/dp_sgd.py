@@ -50,9 +50,10 @@ class DPSGD(Method):
 
     recipe=auto chooses the multi-epoch recipe from the budget instead (`auto_recipe`: the Tramèr–Boneh
     recipe below with C = √d, and epochs and a rate schedule that grow with ñ·ε, chosen on public proxies
-    only), and centres the rows on a released mean at `AUTO_CENTER_SHARE` of the budget. A fit, a selection or an audit resolves it with `for_budget` from the released count ñ, the
-    method's share of ε and d, all public, before anything is accounted; the head's report lists the
-    hyperparameters that ran. Setting a field it chooses beside it is refused.
+    only), and centres the rows on a released mean at `AUTO_CENTER_SHARE` of the budget. A fit, a
+    selection or an audit resolves it with `for_budget` from the released count ñ, the method's share of ε
+    and d, all public, before anything is accounted; the head's report lists the hyperparameters that ran.
+    Setting a field it chooses beside it is refused.
 
     The multi-epoch recipe of Tramèr & Boneh (Fashion-MNIST ScatterNet: q = 8192/60000, 293 steps ≈ 40
     epochs, C_g = 0.1, lr 16, momentum 0.9 on GroupNorm features of norm ≈ 40–60) runs verbatim on
